@@ -1,0 +1,48 @@
+"""vggtransfer: transfer learning with torchvision models, simple, fast and safe.
+
+Build a pretrained model, freeze its features, give it a new head::
+
+    import vggtransfer as vt
+
+    model = vt.create_model("vgg16_bn")            # ImageNet weights
+    vt.freeze_features(model)                       # BatchNorm statistics frozen too
+    vt.replace_classifier(model, num_classes=2)     # Linear(25088, 500)-ReLU-Dropout-Linear(500, 2)
+    transform = vt.imagenet_transform()             # Resize 256, CenterCrop 224, ImageNet mean/std
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._freeze import BatchNormPolicy, feature_extractor, freeze_features, unfreeze_features
+from ._heads import HEAD_ATTRIBUTES, append_classifier, find_classifier, replace_classifier
+from ._images import to_rgb
+from ._models import WeightsNotAvailableError, cached_weights_path, classification_models, create_model
+from ._spec import build_spec
+from ._transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, imagenet_transform, unnormalize
+
+try:
+    __version__ = version("vggtransfer")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "HEAD_ATTRIBUTES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BatchNormPolicy",
+    "ImageTransform",
+    "WeightsNotAvailableError",
+    "__version__",
+    "append_classifier",
+    "build_spec",
+    "cached_weights_path",
+    "classification_models",
+    "create_model",
+    "feature_extractor",
+    "find_classifier",
+    "freeze_features",
+    "imagenet_transform",
+    "replace_classifier",
+    "to_rgb",
+    "unfreeze_features",
+    "unnormalize",
+]

@@ -1,0 +1,149 @@
+"""Freezing the feature extractor so that frozen really means frozen.
+
+``requires_grad_(False)`` alone stops gradients but not BatchNorm: in training mode a BatchNorm
+layer normalises with the batch's statistics and overwrites its running mean and variance on every
+forward pass, so a "frozen" VGG16_bn drifts away from its pretrained state and behaves differently
+in training and evaluation. Calling ``.eval()`` on the frozen part is undone by the next
+``model.train()``, which every training loop calls.
+
+vggtransfer therefore gives each module of the frozen part a forward pre-hook that switches it to
+evaluation mode right before it runs. Whatever ``model.train()`` did in between, the frozen part
+computes with its running statistics, leaves every tensor of its state dict bitwise unchanged, and
+its dropout is inactive. The hooks change no parameter names, so state dicts stay compatible with
+torchvision's; :func:`unfreeze_features` removes them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ._heads import _locate, is_appended
+from ._spec import record
+
+__all__ = ["feature_extractor", "freeze_features", "unfreeze_features"]
+
+BatchNormPolicy = Literal["frozen", "trainable"]
+
+_HOOK_ATTR = "_vggtransfer_eval_hook"
+
+
+def _stay_in_eval_mode(module: nn.Module, args: object) -> None:
+    # Runs before module.forward: undo whatever model.train() set since the last call.
+    module.training = False
+
+
+def feature_extractor(model: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter]]:
+    """The part of ``model`` that :func:`freeze_features` freezes.
+
+    Returns:
+        The frozen submodules and any parameters held directly by ``model`` outside them (such
+        as ViT's ``class_token``):
+
+        * a model made by :func:`append_classifier`: the whole wrapped network, ``model.net``;
+        * a model with a ``features`` module (VGG, AlexNet, DenseNet, MobileNet, EfficientNet,
+          ConvNeXt, Swin, SqueezeNet): ``model.features``;
+        * any other model with a recognised head (ResNet, RegNet, ViT, MaxViT, ...): everything
+          but the head.
+
+    Raises:
+        TypeError: the model has no ``features`` module and no recognisable head.
+    """
+    if is_appended(model):
+        return [model.net], []
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Module):
+        return [features], []
+    head = _locate(model, "freeze_features")
+    modules = [child for name, child in model.named_children() if name != head.name]
+    return modules, list(model.parameters(recurse=False))
+
+
+def freeze_features(model: nn.Module, *, batchnorm: BatchNormPolicy = "frozen") -> nn.Module:
+    """Freeze the feature extractor of ``model`` in place, BatchNorm included.
+
+    Transfer learning trains a new head on top of features learnt on ImageNet. Freezing the
+    feature extractor keeps those features exactly as they were: its parameters stop receiving
+    gradients and, with ``batchnorm="frozen"``, every BatchNorm layer in it keeps normalising
+    with its pretrained running statistics and never updates them, even in training mode, even
+    after later ``model.train()`` calls. Dropout inside the frozen part is inactive. After
+    ``model.train()``, a forward and backward pass and an optimizer step, every tensor of the
+    frozen part's state dict (weights, ``running_mean``, ``running_var``,
+    ``num_batches_tracked``) is bitwise unchanged.
+
+    Which part is frozen is described in :func:`feature_extractor`; in short ``model.features``
+    when it exists, otherwise everything but the classifier head.
+
+    Args:
+        model: The model to freeze.
+        batchnorm: ``"frozen"`` (default) freezes BatchNorm affine parameters *and* statistics.
+            ``"trainable"`` lets BatchNorm layers of the frozen part keep training: their affine
+            parameters get gradients and their running statistics update in training mode;
+            useful when the new images differ strongly from ImageNet.
+
+    Returns:
+        ``model`` itself. Calling it again replaces the previous policy.
+
+    Raises:
+        TypeError: the model has no ``features`` module and no recognisable head.
+        ValueError: ``batchnorm`` is not one of the two policies.
+
+    Example:
+        >>> import vggtransfer as vt
+        >>> model = vt.freeze_features(vt.create_model("vgg11_bn", weights=None))
+        >>> any(p.requires_grad for p in model.features.parameters())
+        False
+        >>> all(p.requires_grad for p in model.classifier.parameters())
+        True
+    """
+    if batchnorm not in ("frozen", "trainable"):
+        raise ValueError(
+            f"freeze_features: expected batchnorm to be 'frozen' or 'trainable' but got {batchnorm!r}"
+        )
+    modules, root_params = feature_extractor(model)
+    unfreeze_features(model)
+    for param in root_params:
+        param.requires_grad_(False)
+    for part in modules:
+        for module in part.modules():
+            if batchnorm == "trainable" and isinstance(module, _BatchNorm):
+                continue
+            for param in module.parameters(recurse=False):
+                param.requires_grad_(False)
+            setattr(module, _HOOK_ATTR, module.register_forward_pre_hook(_stay_in_eval_mode))
+            module.training = False
+    record(model, freeze={"batchnorm": batchnorm})
+    return model
+
+
+def unfreeze_features(model: nn.Module) -> nn.Module:
+    """Undo :func:`freeze_features` in place, for a fine-tuning phase that trains every layer.
+
+    The feature extractor's parameters get ``requires_grad=True`` again and its modules follow
+    ``model.train()`` / ``model.eval()`` like the rest of the model. Fine-tune with a learning
+    rate well below the head's (for example 10x lower) so the pretrained features are adjusted
+    rather than overwritten.
+
+    Returns:
+        ``model`` itself.
+
+    Example:
+        >>> import vggtransfer as vt
+        >>> model = vt.unfreeze_features(vt.freeze_features(vt.create_model("vgg11", weights=None)))
+        >>> all(p.requires_grad for p in model.parameters())
+        True
+    """
+    modules, root_params = feature_extractor(model)
+    for module in model.modules():
+        handle = module.__dict__.pop(_HOOK_ATTR, None)
+        if handle is not None:
+            handle.remove()
+            module.training = model.training
+    for param in root_params:
+        param.requires_grad_(True)
+    for part in modules:
+        part.requires_grad_(True)
+    record(model, freeze=None)
+    return model

@@ -1,0 +1,280 @@
+"""The head-finding protocol: one way to find, replace and extend a classifier on every family.
+
+torchvision puts the classifier under one of four names: ``classifier`` (VGG, AlexNet, MobileNet,
+EfficientNet, ConvNeXt, DenseNet, MNASNet, SqueezeNet, MaxViT), ``fc`` (ResNet, RegNet,
+GoogLeNet, Inception, ShuffleNet), ``heads`` (ViT) and ``head`` (Swin). The head is either one
+``nn.Linear`` or an ``nn.Sequential`` whose *projections* (``nn.Linear``, or the 1x1
+``nn.Conv2d`` of SqueezeNet) are interleaved with activations, dropout and, before the first
+projection, shape-preparing layers (ConvNeXt's LayerNorm2d + Flatten, MaxViT's pool + Flatten +
+LayerNorm). Replacing a head keeps that preparation and swaps everything from the first
+projection on, so the new head receives exactly what the old one did.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._spec import build_spec, record
+
+__all__ = ["append_classifier", "find_classifier", "replace_classifier"]
+
+#: Attribute names searched, in order, for a model's classifier head.
+HEAD_ATTRIBUTES = ("classifier", "fc", "heads", "head")
+
+
+@dataclass(frozen=True)
+class _Head:
+    name: str
+    module: nn.Module
+    layers: tuple[nn.Module, ...]
+    projections: tuple[int, ...]  # indices into ``layers``
+
+
+def _is_projection(layer: nn.Module) -> bool:
+    if isinstance(layer, nn.Linear):
+        return True
+    # SqueezeNet classifies with a 1x1 convolution followed by global pooling.
+    return isinstance(layer, nn.Conv2d) and tuple(layer.kernel_size) == (1, 1)
+
+
+def _locate(model: nn.Module, caller: str) -> _Head:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}: expected model to be an nn.Module but got {type(model).__name__}")
+    for name in HEAD_ATTRIBUTES:
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Linear):
+            return _Head(name, module, (module,), (0,))
+        if isinstance(module, nn.Sequential):
+            layers = tuple(module.children())
+            projections = tuple(i for i, layer in enumerate(layers) if _is_projection(layer))
+            if projections:
+                return _Head(name, module, layers, projections)
+    found = {
+        name: type(getattr(model, name)).__name__
+        for name in HEAD_ATTRIBUTES
+        if isinstance(getattr(model, name, None), nn.Module)
+    }
+    found_text = (
+        ", ".join(f"{name}={kind}" for name, kind in found.items()) if found else "none of those attributes"
+    )
+    raise TypeError(
+        f"{caller}: cannot find the classifier head of {type(model).__name__}; expected an "
+        f"attribute named one of {', '.join(HEAD_ATTRIBUTES)} that is an nn.Linear or an "
+        f"nn.Sequential containing nn.Linear layers, but found {found_text}. Give your model a "
+        f"`classifier` (nn.Linear or nn.Sequential ending in nn.Linear) and a `features` module"
+    )
+
+
+def find_classifier(model: nn.Module) -> tuple[str, nn.Module]:
+    """Return the attribute name and module of ``model``'s classifier head.
+
+    Raises:
+        TypeError: no attribute named ``classifier``, ``fc``, ``heads`` or ``head`` holds an
+            ``nn.Linear`` or an ``nn.Sequential`` with one.
+
+    Example:
+        >>> import vggtransfer as vt
+        >>> name, head = vt.find_classifier(vt.create_model("resnet18", weights=None))
+        >>> name, head.in_features
+        ('fc', 512)
+    """
+    head = _locate(model, "find_classifier")
+    return head.name, head.module
+
+
+def _in_features(layer: nn.Module) -> int:
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels  # type: ignore[return-value]
+
+
+def _out_features(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels  # type: ignore[return-value]
+
+
+def _check_head_options(caller: str, num_classes: object, hidden: object, dropout: object) -> tuple[int, ...]:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise TypeError(f"{caller}: expected num_classes to be an int but got {type(num_classes).__name__}")
+    if num_classes < 1:
+        raise ValueError(f"{caller}: expected num_classes >= 1 but got {num_classes}")
+    if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
+        raise TypeError(
+            f"{caller}: expected hidden to be a sequence of layer widths such as (500,) or () but "
+            f"got {hidden!r}"
+        )
+    widths = tuple(hidden)
+    if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+        raise ValueError(f"{caller}: expected every hidden width to be a positive int but got {hidden!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{caller}: expected dropout to be a probability in [0, 1) but got {dropout!r}")
+    return widths
+
+
+def _mlp(in_features: int, hidden: tuple[int, ...], num_classes: int, dropout: float) -> list[nn.Module]:
+    """Linear - ReLU - Dropout for each hidden width, then the output Linear."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for next_width in hidden:
+        layers += [nn.Linear(width, next_width), nn.ReLU(), nn.Dropout(dropout)]
+        width = next_width
+    layers.append(nn.Linear(width, num_classes))
+    return layers
+
+
+def _like(new: nn.Module, reference: nn.Module) -> nn.Module:
+    """Put ``new`` on the device and dtype of ``reference``'s parameters."""
+    param = next(reference.parameters(), None)
+    return new if param is None else new.to(device=param.device, dtype=param.dtype)
+
+
+def replace_classifier(
+    model: nn.Module,
+    num_classes: int,
+    *,
+    hidden: Sequence[int] = (500,),
+    dropout: float = 0.3,
+    keep_hidden: bool = False,
+) -> nn.Module:
+    """Replace the classifier head of ``model`` with a new one for ``num_classes`` classes, in place.
+
+    This is the transfer-learning recipe's head swap: on VGG16 the 4096-wide classifier becomes
+    ``Linear(25088, 500) - ReLU - Dropout(0.3) - Linear(500, num_classes)``. The input width is
+    read from the model, so the same call works on every torchvision family (and on your own
+    model with a ``features`` module and a ``classifier``). Layers that prepare the head's input
+    (ConvNeXt's LayerNorm2d and Flatten, MaxViT's pooling) are kept with their weights.
+
+    Args:
+        model: The model to change.
+        num_classes: Number of output classes.
+        hidden: Widths of the new hidden layers; ``()`` gives a single ``nn.Linear``.
+        dropout: Dropout probability after each hidden layer.
+        keep_hidden: Keep the pretrained hidden fully-connected layers (VGG's two 4096-wide
+            ones) and replace only what follows the last of them. With ``hidden=()`` this
+            replaces just the final ``nn.Linear``.
+
+    Returns:
+        ``model`` itself, changed in place. The new layers are trainable, on the device and
+        dtype of the old head.
+
+    Raises:
+        TypeError: the head cannot be found, or an option has the wrong type.
+        ValueError: an option is out of range.
+
+    Example:
+        >>> import vggtransfer as vt
+        >>> model = vt.replace_classifier(vt.create_model("vgg11", weights=None), 2)
+        >>> model.classifier
+        Sequential(
+          (0): Linear(in_features=25088, out_features=500, bias=True)
+          (1): ReLU()
+          (2): Dropout(p=0.3, inplace=False)
+          (3): Linear(in_features=500, out_features=2, bias=True)
+        )
+        >>> vt.replace_classifier(model, 3, hidden=(), keep_hidden=True).classifier[-1]
+        Linear(in_features=500, out_features=3, bias=True)
+    """
+    widths = _check_head_options("replace_classifier", num_classes, hidden, dropout)
+    head = _locate(model, "replace_classifier")
+    cut = head.projections[-1] if keep_hidden else head.projections[0]
+    kept = list(head.layers[:cut])
+    first_new = head.layers[cut]
+    if isinstance(first_new, nn.Conv2d):
+        # Pool and flatten so that the new Linear layers see [B, C]; the model's own
+        # torch.flatten(x, 1) after the classifier then leaves [B, num_classes] unchanged.
+        kept += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
+    new_layers = _mlp(_in_features(first_new), widths, num_classes, float(dropout))
+    if not kept and len(new_layers) == 1 and isinstance(head.module, nn.Linear):
+        new_head: nn.Module = new_layers[0]  # keep resnet.fc a plain Linear
+    else:
+        new_head = nn.Sequential(*kept, *new_layers)
+    setattr(model, head.name, _like(new_head, head.module))
+    record(
+        model,
+        head={
+            "method": "replace",
+            "num_classes": num_classes,
+            "hidden": list(widths),
+            "dropout": float(dropout),
+            "keep_hidden": keep_hidden,
+        },
+    )
+    return model
+
+
+def append_classifier(
+    model: nn.Module,
+    num_classes: int,
+    *,
+    hidden: Sequence[int] = (500,),
+    dropout: float = 0.3,
+) -> nn.Sequential:
+    """Stack a new head for ``num_classes`` classes after the whole pretrained network.
+
+    The other half of the recipe: the 1000-class ImageNet net stays intact and its logits feed
+    ``Linear(1000, 500) - ReLU - Dropout(0.3) - Linear(500, num_classes)``. Use it when the
+    pretrained classifier's outputs are informative for the new task; use
+    :func:`replace_classifier` to discard them.
+
+    Args:
+        model: The network to extend; it must have a usable classifier head.
+        num_classes: Number of output classes.
+        hidden: Widths of the new hidden layers; ``()`` gives a single ``nn.Linear``.
+        dropout: Dropout probability after each hidden layer.
+
+    Returns:
+        A new ``nn.Sequential(OrderedDict(net=model, classifier=head))``. ``model`` is not
+        copied: the result holds it as ``.net``.
+
+    Raises:
+        TypeError: the head cannot be found, or an option has the wrong type.
+        ValueError: an option is out of range, or the model's classifier is unusable, as with
+            ``VGG16_Weights.IMAGENET1K_FEATURES`` whose classifier is NaN-filled.
+
+    Example:
+        >>> import vggtransfer as vt
+        >>> model = vt.append_classifier(vt.create_model("vgg11", weights=None), 2)
+        >>> [name for name, _ in model.named_children()]
+        ['net', 'classifier']
+        >>> model.classifier[0]
+        Linear(in_features=1000, out_features=500, bias=True)
+    """
+    widths = _check_head_options("append_classifier", num_classes, hidden, dropout)
+    head = _locate(model, "append_classifier")
+    _refuse_unusable_classifier(model, head)
+    out = _out_features(head.layers[head.projections[-1]])
+    new_head = _like(nn.Sequential(*_mlp(out, widths, num_classes, float(dropout))), head.module)
+    appended = nn.Sequential(OrderedDict(net=model, classifier=new_head))
+    spec = build_spec(model)
+    spec.pop("freeze", None)  # freezing describes the outer model; it is recorded when applied
+    record(appended, **spec)
+    record(
+        appended,
+        head={"method": "append", "num_classes": num_classes, "hidden": list(widths), "dropout": float(dropout)},
+    )
+    return appended
+
+
+def _refuse_unusable_classifier(model: nn.Module, head: _Head) -> None:
+    spec = build_spec(model)
+    weights = spec.get("weights") or ""
+    with torch.no_grad():
+        bad = sum(int((~torch.isfinite(p)).sum()) for p in head.module.parameters())
+    # Checked by name too: the NaNs are only there once the file is loaded, and a head that
+    # vggtransfer replaced since is new, hence usable.
+    features_only = weights.endswith(".IMAGENET1K_FEATURES") and "head" not in spec
+    if bad or features_only:
+        source = f" (weights {weights})" if weights else ""
+        raise ValueError(
+            f"append_classifier: the classifier of this model is unusable{source}: "
+            f"{bad} of its values are NaN or infinite, so its outputs carry no information. "
+            f"Features-only weights such as VGG16_Weights.IMAGENET1K_FEATURES ship no classifier. "
+            f"Use replace_classifier(model, num_classes) instead, which discards the old classifier."
+        )
+
+
+def is_appended(model: nn.Module) -> bool:
+    """Whether ``model`` has the layout made by :func:`append_classifier`."""
+    return isinstance(model, nn.Sequential) and [name for name, _ in model.named_children()] == ["net", "classifier"]

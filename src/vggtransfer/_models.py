@@ -1,0 +1,229 @@
+"""Building torchvision classification models, with pretrained weights fetched safely."""
+
+from __future__ import annotations
+
+import difflib
+import http.client
+import os
+import pickle
+import urllib.error
+import urllib.parse
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+import torchvision.models
+from torch import nn
+from torchvision.models import WeightsEnum, get_model, get_model_weights, list_models
+
+from ._spec import record
+from ._state_dict import load_exactly, read_state_dict
+
+__all__ = ["WeightsNotAvailableError", "classification_models", "create_model"]
+
+#: What ``create_model(weights=...)`` accepts.
+Weights = Union[str, WeightsEnum, "os.PathLike[str]", None]
+
+# Inception-style models return a (logits, aux1, aux2) tuple in training mode while their
+# auxiliary heads exist. Every other family returns one tensor, so a random-init model is built
+# without them; torchvision's pretrained builders already drop them unless asked to keep them.
+_UNIFORM_OUTPUT_KWARGS: dict[str, dict[str, Any]] = {
+    "googlenet": {"aux_logits": False},
+    "inception_v3": {"aux_logits": False},
+}
+
+_WEIGHTS_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+# What a failed download looks like: urllib's errors (offline, DNS, HTTP status), sockets that
+# time out or reset, and torch.hub's RuntimeError for a download whose SHA-256 does not match.
+_DOWNLOAD_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
+
+
+class WeightsNotAvailableError(RuntimeError):
+    """Pretrained weights could not be downloaded and are not in the local cache.
+
+    The message names the URL, the cache file torchvision looks for, and how to pass a local
+    file instead. Catch it to fall back to another source of weights.
+    """
+
+
+def classification_models() -> list[str]:
+    """Names of every torchvision image-classification model ``create_model`` can build.
+
+    Example:
+        >>> import vggtransfer as vt
+        >>> "vgg16_bn" in vt.classification_models()
+        True
+    """
+    return list_models(module=torchvision.models)
+
+
+def create_model(
+    arch: str = "vgg16_bn",
+    *,
+    weights: Weights = "DEFAULT",
+    progress: bool = True,
+    **builder_kwargs: Any,
+) -> nn.Module:
+    """Build a torchvision classification model, optionally with pretrained weights.
+
+    The model comes back exactly as torchvision builds it (so ``model.features`` and
+    ``model.classifier`` are where torchvision puts them), in training mode, on the CPU.
+    Pretrained files are read with the safe ``weights_only`` unpickler before torchvision
+    touches them, so a tampered cache file is refused instead of executed.
+
+    Args:
+        arch: A torchvision classification model name, e.g. ``"vgg16"``, ``"vgg16_bn"``,
+            ``"resnet50"``; see :func:`classification_models`.
+        weights: Which weights to start from:
+
+            * ``"DEFAULT"``: the best ImageNet weights torchvision has for ``arch``;
+            * an enum member name such as ``"IMAGENET1K_V1"`` (or the full
+              ``"VGG16_Weights.IMAGENET1K_V1"``), or the member itself;
+            * a path to a local ``.pth`` state dict of the same architecture (offline machines);
+            * ``None``: random initialisation, no download.
+
+            Downloads go to torchvision's cache, ``$TORCH_HOME/hub/checkpoints``.
+        progress: Show a progress bar while downloading.
+        **builder_kwargs: Passed to the torchvision builder, e.g. ``dropout=0.2``.
+
+    Returns:
+        The model. vggtransfer records ``arch`` and ``weights`` on it so checkpoints can rebuild it.
+
+    Raises:
+        TypeError: ``arch`` is not a string or ``weights`` is of an unsupported type.
+        ValueError: ``arch`` is unknown, the weights name does not exist for ``arch``, or the
+            file holds weights of another shape or is not a plain state dict.
+        FileNotFoundError: ``weights`` is a path that does not exist.
+        WeightsNotAvailableError: the download failed (for example on an offline machine).
+
+    Example:
+        >>> import vggtransfer as vt
+        >>> model = vt.create_model("vgg11", weights=None)
+        >>> model.classifier[-1].out_features
+        1000
+    """
+    arch = _check_arch(arch)
+    resolved = _resolve_weights(arch, weights)
+    kwargs = dict(builder_kwargs)
+    if not isinstance(resolved, WeightsEnum):
+        kwargs = {**_UNIFORM_OUTPUT_KWARGS.get(arch, {}), **kwargs}
+
+    if isinstance(resolved, WeightsEnum):
+        _fetch_and_verify(arch, resolved, progress=progress)
+        model = get_model(arch, weights=resolved, progress=progress, **kwargs)
+        weights_record: str | None = f"{type(resolved).__name__}.{resolved.name}"
+    else:
+        # Read a local file before building, so a wrong path fails without the build's cost.
+        state_dict = read_state_dict(resolved) if isinstance(resolved, Path) else None
+        model = get_model(arch, weights=None, **kwargs)
+        weights_record = None
+        if isinstance(resolved, Path) and state_dict is not None:
+            load_exactly(model, state_dict, source=str(resolved))
+            weights_record = f"file:{resolved.resolve()}"
+    record(model, arch=arch, weights=weights_record, builder_kwargs=kwargs or None)
+    return model
+
+
+def _check_arch(arch: object) -> str:
+    if not isinstance(arch, str):
+        raise TypeError(
+            f"create_model: expected arch to be a model name (str) but got {type(arch).__name__}; "
+            f"to use your own nn.Module, pass it straight to freeze_features/replace_classifier"
+        )
+    known = classification_models()
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=3)
+        hint = f"did you mean {', '.join(repr(name) for name in close)}? " if close else ""
+        raise ValueError(
+            f"create_model: unknown arch {arch!r}; {hint}expected one of torchvision's "
+            f"classification models ({len(known)} names, see vt.classification_models())"
+        )
+    return arch
+
+
+def _resolve_weights(arch: str, weights: object) -> WeightsEnum | Path | None:
+    """Turn the many accepted spellings of ``weights`` into an enum member, a file, or None."""
+    if weights is None:
+        return None
+    enum_cls = get_model_weights(arch)
+    if isinstance(weights, WeightsEnum):
+        if not isinstance(weights, enum_cls):
+            raise ValueError(
+                f"create_model: weights {weights!r} belong to another architecture; expected a "
+                f"member of {enum_cls.__name__} for {arch!r}, e.g. {enum_cls.__name__}.DEFAULT"
+            )
+        return weights
+    if isinstance(weights, os.PathLike):
+        return Path(weights)
+    if not isinstance(weights, str):
+        raise TypeError(
+            f"create_model: expected weights to be a str, a WeightsEnum, a path or None but got "
+            f"{type(weights).__name__}"
+        )
+    if _looks_like_path(weights):
+        return Path(weights)
+    name = weights.split(".", 1)[1] if weights.startswith(f"{enum_cls.__name__}.") else weights
+    try:
+        return enum_cls[name]
+    except KeyError:
+        choices = ["DEFAULT", *enum_cls.__members__]
+        close = difflib.get_close_matches(name.upper(), choices, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"create_model: weights {weights!r} do not exist for {arch!r}; expected one of "
+            f"{', '.join(repr(c) for c in dict.fromkeys(choices))}, None for random "
+            f"initialisation, or a path to a local .pth file.{hint}"
+        ) from None
+
+
+def _looks_like_path(text: str) -> bool:
+    return os.sep in text or "/" in text or text.endswith(_WEIGHTS_FILE_SUFFIXES) or Path(text).exists()
+
+
+def cached_weights_path(weights: WeightsEnum) -> Path:
+    """Where torch.hub caches (and looks for) the file of ``weights``: ``$TORCH_HOME/hub/checkpoints``."""
+    filename = os.path.basename(urllib.parse.urlparse(weights.url).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def _fetch_and_verify(arch: str, weights: WeightsEnum, *, progress: bool) -> None:
+    """Download ``weights`` into the cache if needed and check the file with the safe unpickler.
+
+    torchvision's builders read the cached file with the full unpickler; reading it here first
+    with ``weights_only=True`` means a file that could run code is refused before that happens.
+    """
+    cache_file = cached_weights_path(weights)
+    try:
+        torch.hub.load_state_dict_from_url(
+            weights.url, progress=progress, check_hash=True, map_location="cpu", weights_only=True
+        )
+    except _DOWNLOAD_ERRORS as exc:
+        raise WeightsNotAvailableError(_download_help(arch, weights, cache_file, exc)) from None
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"refusing to load the cached weights file {str(cache_file)!r}: it is not a plain "
+            f"tensor file and would need the full pickle loader, which can run arbitrary code. "
+            f"Delete it and download it again, or pass a trusted local file with weights=PATH"
+        ) from None
+    except RuntimeError as exc:
+        if "invalid hash value" in str(exc):
+            raise WeightsNotAvailableError(_download_help(arch, weights, cache_file, exc)) from None
+        raise ValueError(
+            f"cannot read the cached weights file {str(cache_file)!r} ({exc}); it is probably "
+            f"truncated. Delete it and run again to download it afresh"
+        ) from None
+
+
+def _download_help(arch: str, weights: WeightsEnum, cache_file: Path, exc: BaseException) -> str:
+    name = f"{type(weights).__name__}.{weights.name}"
+    return (
+        f"could not download the pretrained weights {name} for {arch!r} ({exc}).\n"
+        f"  URL:        {weights.url}\n"
+        f"  cache file: {cache_file}  (under TORCH_HOME={Path(torch.hub.get_dir()).parent})\n"
+        f"To fix it, do one of:\n"
+        f"  - download the URL on a machine with internet access and copy the file to the cache "
+        f"file path above;\n"
+        f"  - pass the file directly: create_model({arch!r}, weights='/path/to/{cache_file.name}');\n"
+        f"  - use weights=None to start from random weights (no transfer learning)."
+    )

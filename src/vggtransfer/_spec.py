@@ -1,0 +1,34 @@
+"""How a model was built, recorded on the model itself.
+
+vggtransfer's builders (``create_model``, ``replace_classifier``, ``append_classifier``,
+``freeze_features``) note what they did in a small JSON-compatible dict stored as a plain attribute
+of the model. Checkpoints store it so that a model can be rebuilt without the code that made it.
+A plain attribute survives ``copy.deepcopy`` and ``torch.save(model)`` and never enters the
+state dict.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+
+__all__: list[str] = []
+
+_SPEC_ATTR = "_vggtransfer_spec"
+
+
+def build_spec(model: nn.Module) -> dict[str, Any]:
+    """Return a copy of the build record of ``model`` (empty if vggtransfer did not build it)."""
+    return copy.deepcopy(model.__dict__.get(_SPEC_ATTR, {}))
+
+
+def record(model: nn.Module, **fields: Any) -> None:
+    """Merge ``fields`` into the build record of ``model``; a value of None removes the field."""
+    spec = model.__dict__.setdefault(_SPEC_ATTR, {})
+    for key, value in fields.items():
+        if value is None:
+            spec.pop(key, None)
+        else:
+            spec[key] = copy.deepcopy(value)
