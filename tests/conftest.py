@@ -28,7 +28,9 @@ def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def pets_dir() -> Path:
     """The read-only Oxford-IIIT Pet sample (cats/, dogs/); skips when it is not on this machine."""
     if not (PETS / "cats").is_dir():
-        pytest.skip(f"real photo sample not found at {PETS} (only present in the project's CI and dev machines)")
+        pytest.skip(
+            f"real photo sample not found at {PETS} (only present in the project's CI and dev machines)"
+        )
     return PETS
 
 

@@ -129,7 +129,7 @@ def test_frozen_guarantee_survives_deepcopy_and_pickle() -> None:
 def test_models_without_vgg_layout_freeze_everything_but_head(arch: str) -> None:
     model = vt.replace_classifier(vt.create_model(arch, weights=None), 2)
     vt.freeze_features(model)
-    head_name, head = vt.find_classifier(model)
+    head_name, _ = vt.find_classifier(model)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(name.startswith(head_name + ".") for name in trainable)
     if arch == "vit_b_32":

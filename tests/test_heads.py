@@ -52,7 +52,7 @@ def test_replace_classifier_on_every_family(family: tuple[str, int]) -> None:
     arch, size = family
     model = vt.replace_classifier(vt.create_model(arch, weights=None), 3)
     assert _logits(model, size).shape == (2, 3)
-    name, head = vt.find_classifier(model)
+    _, head = vt.find_classifier(model)
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     assert [m.out_features for m in linears[-2:]] == [500, 3]
 
@@ -69,7 +69,11 @@ def test_freeze_then_train_head_only_on_every_family(family: tuple[str, int]) ->
     model = vt.freeze_features(vt.replace_classifier(vt.create_model(arch, weights=None), 2))
     name, _ = vt.find_classifier(model)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert frozen, "something must be frozen"
+    # only the head, plus layers between features and head that freeze_features leaves alone
+    assert any(n.startswith(name + ".") for n in trainable)
+    assert not any(n.startswith("features.") for n in trainable)
     model.train()
     loss = model(torch.randn(2, 3, size, size)).sum()
     loss.backward()
@@ -130,7 +134,9 @@ class UserNet(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-@pytest.mark.parametrize("classifier", [nn.Linear(8, 10), nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 10))])
+@pytest.mark.parametrize(
+    "classifier", [nn.Linear(8, 10), nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 10))]
+)
 def test_user_module_with_features_and_classifier(classifier: nn.Module) -> None:
     model = vt.freeze_features(vt.replace_classifier(UserNet(classifier), 2))
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 2)
@@ -157,10 +163,22 @@ def test_headless_module_gets_type_error_naming_what_was_found() -> None:
     ("kwargs", "error", "message"),
     [
         ({"num_classes": 0}, ValueError, "replace_classifier: expected num_classes >= 1 but got 0"),
-        ({"num_classes": 2.0}, TypeError, "replace_classifier: expected num_classes to be an int but got float"),
+        (
+            {"num_classes": 2.0},
+            TypeError,
+            "replace_classifier: expected num_classes to be an int but got float",
+        ),
         ({"num_classes": 2, "hidden": 500}, TypeError, "expected hidden to be a sequence of layer widths"),
-        ({"num_classes": 2, "hidden": (500, 0)}, ValueError, r"every hidden width to be a positive int but got \(500, 0\)"),
-        ({"num_classes": 2, "dropout": 1.0}, ValueError, r"expected dropout to be a probability in \[0, 1\) but got 1.0"),
+        (
+            {"num_classes": 2, "hidden": (500, 0)},
+            ValueError,
+            r"every hidden width to be a positive int but got \(500, 0\)",
+        ),
+        (
+            {"num_classes": 2, "dropout": 1.0},
+            ValueError,
+            r"expected dropout to be a probability in \[0, 1\) but got 1.0",
+        ),
     ],
 )
 def test_replace_classifier_option_errors(kwargs: dict, error: type, message: str) -> None:
@@ -175,7 +193,10 @@ def test_append_refuses_nan_classifier() -> None:
     model = vt.create_model("vgg11", weights=None)
     with torch.no_grad():
         model.classifier[0].weight.fill_(float("nan"))
-    with pytest.raises(ValueError, match=r"append_classifier: the classifier of this model is unusable: 102760448 of its values"):
+    with pytest.raises(
+        ValueError,
+        match=r"append_classifier: the classifier of this model is unusable: 102760448 of its values",
+    ):
         vt.append_classifier(model, 2)
     # replacing the classifier is the way out
     fixed = vt.append_classifier(vt.replace_classifier(model, 1000, hidden=()), 2)

@@ -94,7 +94,9 @@ def test_local_file_shape_mismatch_is_named(tmp_path: Path) -> None:
     state = vt.replace_classifier(torchvision.models.resnet18(), 2, hidden=()).state_dict()
     path = tmp_path / "two-class.pth"
     torch.save(state, path)
-    with pytest.raises(ValueError, match=r"shape mismatch fc.weight: model has \[1000, 512\], file has \[2, 512\]"):
+    with pytest.raises(
+        ValueError, match=r"shape mismatch fc.weight: model has \[1000, 512\], file has \[2, 512\]"
+    ):
         vt.create_model("resnet18", weights=path)
 
 
@@ -170,10 +172,25 @@ def test_corrupt_cache_file_says_delete_it(torch_home: Path) -> None:
     [
         ("vgg16bn", None, ValueError, "create_model: unknown arch 'vgg16bn'; did you mean 'vgg16_bn'"),
         (16, None, TypeError, "create_model: expected arch to be a model name \\(str\\) but got int"),
-        ("vgg16", "imagenet", ValueError, "create_model: weights 'imagenet' do not exist for 'vgg16'; expected one of 'DEFAULT', 'IMAGENET1K_V1', 'IMAGENET1K_FEATURES'"),
+        (
+            "vgg16",
+            "imagenet",
+            ValueError,
+            "create_model: weights 'imagenet' do not exist for 'vgg16'; expected one of 'DEFAULT', 'IMAGENET1K_V1', 'IMAGENET1K_FEATURES'",
+        ),
         ("vgg16", "imagenet1k_v1", ValueError, "Did you mean 'IMAGENET1K_V1'"),
-        ("vgg16", ResNet18_Weights.DEFAULT, ValueError, "weights ResNet18_Weights.IMAGENET1K_V1 belong to another architecture; expected a member of VGG16_Weights"),
-        ("vgg16", 3.5, TypeError, "expected weights to be a str, a WeightsEnum, a path or None but got float"),
+        (
+            "vgg16",
+            ResNet18_Weights.DEFAULT,
+            ValueError,
+            "weights ResNet18_Weights.IMAGENET1K_V1 belong to another architecture; expected a member of VGG16_Weights",
+        ),
+        (
+            "vgg16",
+            3.5,
+            TypeError,
+            "expected weights to be a str, a WeightsEnum, a path or None but got float",
+        ),
     ],
 )
 def test_create_model_argument_errors(arch, weights, error, message) -> None:

@@ -131,7 +131,11 @@ def test_round_trip_settings_and_pickle() -> None:
     [
         ({"size": 0}, ValueError, "imagenet_transform: expected size to be a positive int but got 0"),
         ({"size": 224, "resize": 200}, ValueError, "expected resize >= size"),
-        ({"weights": "VGG16_Weights.NOPE"}, ValueError, "expected weights to be a torchvision weights enum or its full name"),
+        (
+            {"weights": "VGG16_Weights.NOPE"},
+            ValueError,
+            "expected weights to be a torchvision weights enum or its full name",
+        ),
         ({"weights": 3}, TypeError, "expected weights to be a WeightsEnum member or its name but got int"),
     ],
 )
@@ -142,9 +146,14 @@ def test_transform_argument_errors(kwargs, error, message) -> None:
 
 def test_wrong_inputs_are_explained() -> None:
     transform = vt.imagenet_transform()
-    with pytest.raises(TypeError, match="expected a PIL.Image.Image or a torch.Tensor but got str; open files with PIL.Image.open"):
+    with pytest.raises(
+        TypeError,
+        match="expected a PIL.Image.Image or a torch.Tensor but got str; open files with PIL.Image.open",
+    ):
         transform("cat.jpg")
-    with pytest.raises(ValueError, match=r"expected one image tensor of shape \[C, H, W\] but got shape \[2, 3, 8, 8\]"):
+    with pytest.raises(
+        ValueError, match=r"expected one image tensor of shape \[C, H, W\] but got shape \[2, 3, 8, 8\]"
+    ):
         transform(torch.zeros(2, 3, 8, 8))
     with pytest.raises(ValueError, match=r"1, 3 or 4 channels .* but got shape \[5, 8, 8\]"):
         transform(torch.zeros(5, 8, 8))
@@ -160,7 +169,10 @@ def test_unnormalize_inverts_transform(pet_photos: list[Path]) -> None:
     assert torch.allclose(restored, expected, atol=1e-5)
     batch = torch.stack([transform(square)] * 2)
     assert vt.unnormalize(batch).shape == (2, 3, 64, 64)
-    with pytest.raises(ValueError, match=r"unnormalize: expected a tensor of shape \[3, H, W\] or \[B, 3, H, W\] but got \[64, 64\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unnormalize: expected a tensor of shape \[3, H, W\] or \[B, 3, H, W\] but got \[64, 64\]",
+    ):
         vt.unnormalize(torch.zeros(64, 64))
 
 

@@ -50,9 +50,17 @@ def feature_extractor(model: nn.Module) -> tuple[list[nn.Module], list[nn.Parame
 
     Raises:
         TypeError: the model has no ``features`` module and no recognisable head.
+
+    Example:
+        >>> import vggtransfer as vt
+        >>> model = vt.create_model("resnet18", weights=None)
+        >>> modules, params = vt.feature_extractor(model)
+        >>> [name for name, child in model.named_children() if all(child is not m for m in modules)]
+        ['fc']
+
     """
     if is_appended(model):
-        return [model.net], []
+        return [model.get_submodule("net")], []
     features = getattr(model, "features", None)
     if isinstance(features, nn.Module):
         return [features], []
@@ -97,6 +105,7 @@ def freeze_features(model: nn.Module, *, batchnorm: BatchNormPolicy = "frozen") 
         False
         >>> all(p.requires_grad for p in model.classifier.parameters())
         True
+
     """
     if batchnorm not in ("frozen", "trainable"):
         raise ValueError(
@@ -134,6 +143,7 @@ def unfreeze_features(model: nn.Module) -> nn.Module:
         >>> model = vt.unfreeze_features(vt.freeze_features(vt.create_model("vgg11", weights=None)))
         >>> all(p.requires_grad for p in model.parameters())
         True
+
     """
     modules, root_params = feature_extractor(model)
     for module in model.modules():

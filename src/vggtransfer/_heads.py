@@ -82,6 +82,7 @@ def find_classifier(model: nn.Module) -> tuple[str, nn.Module]:
         >>> name, head = vt.find_classifier(vt.create_model("resnet18", weights=None))
         >>> name, head.in_features
         ('fc', 512)
+
     """
     head = _locate(model, "find_classifier")
     return head.name, head.module
@@ -175,6 +176,7 @@ def replace_classifier(
         )
         >>> vt.replace_classifier(model, 3, hidden=(), keep_hidden=True).classifier[-1]
         Linear(in_features=500, out_features=3, bias=True)
+
     """
     widths = _check_head_options("replace_classifier", num_classes, hidden, dropout)
     head = _locate(model, "replace_classifier")
@@ -240,6 +242,7 @@ def append_classifier(
         ['net', 'classifier']
         >>> model.classifier[0]
         Linear(in_features=1000, out_features=500, bias=True)
+
     """
     widths = _check_head_options("append_classifier", num_classes, hidden, dropout)
     head = _locate(model, "append_classifier")
@@ -252,7 +255,12 @@ def append_classifier(
     record(appended, **spec)
     record(
         appended,
-        head={"method": "append", "num_classes": num_classes, "hidden": list(widths), "dropout": float(dropout)},
+        head={
+            "method": "append",
+            "num_classes": num_classes,
+            "hidden": list(widths),
+            "dropout": float(dropout),
+        },
     )
     return appended
 
@@ -277,4 +285,7 @@ def _refuse_unusable_classifier(model: nn.Module, head: _Head) -> None:
 
 def is_appended(model: nn.Module) -> bool:
     """Whether ``model`` has the layout made by :func:`append_classifier`."""
-    return isinstance(model, nn.Sequential) and [name for name, _ in model.named_children()] == ["net", "classifier"]
+    return isinstance(model, nn.Sequential) and [name for name, _ in model.named_children()] == [
+        "net",
+        "classifier",
+    ]

@@ -28,6 +28,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         >>> from vggtransfer import to_rgb
         >>> to_rgb(Image.new("CMYK", (4, 4))).mode
         'RGB'
+
     """
     image = ImageOps.exif_transpose(image)
     mode = image.mode

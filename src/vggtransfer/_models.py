@@ -54,8 +54,10 @@ def classification_models() -> list[str]:
         >>> import vggtransfer as vt
         >>> "vgg16_bn" in vt.classification_models()
         True
+
     """
-    return list_models(module=torchvision.models)
+    names: list[str] = list_models(module=torchvision.models)
+    return names
 
 
 def create_model(
@@ -102,6 +104,7 @@ def create_model(
         >>> model = vt.create_model("vgg11", weights=None)
         >>> model.classifier[-1].out_features
         1000
+
     """
     arch = _check_arch(arch)
     resolved = _resolve_weights(arch, weights)
@@ -111,7 +114,7 @@ def create_model(
 
     if isinstance(resolved, WeightsEnum):
         _fetch_and_verify(arch, resolved, progress=progress)
-        model = get_model(arch, weights=resolved, progress=progress, **kwargs)
+        model: nn.Module = get_model(arch, weights=resolved, progress=progress, **kwargs)
         weights_record: str | None = f"{type(resolved).__name__}.{resolved.name}"
     else:
         # Read a local file before building, so a wrong path fails without the build's cost.
@@ -182,8 +185,18 @@ def _looks_like_path(text: str) -> bool:
 
 
 def cached_weights_path(weights: WeightsEnum) -> Path:
-    """Where torch.hub caches (and looks for) the file of ``weights``: ``$TORCH_HOME/hub/checkpoints``."""
-    filename = os.path.basename(urllib.parse.urlparse(weights.url).path)
+    """Where torch.hub caches, and looks for, the file of ``weights``.
+
+    That is ``$TORCH_HOME/hub/checkpoints/<file name of the URL>``. On a machine without
+    internet, copy the downloaded file there and ``create_model`` finds it.
+
+    Example:
+        >>> import vggtransfer as vt
+        >>> from torchvision.models import VGG16_BN_Weights
+        >>> vt.cached_weights_path(VGG16_BN_Weights.DEFAULT).name
+        'vgg16_bn-6c64b313.pth'
+    """
+    filename: str = os.path.basename(urllib.parse.urlparse(weights.url).path)
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 

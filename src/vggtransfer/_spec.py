@@ -20,7 +20,18 @@ _SPEC_ATTR = "_vggtransfer_spec"
 
 
 def build_spec(model: nn.Module) -> dict[str, Any]:
-    """Return a copy of the build record of ``model`` (empty if vggtransfer did not build it)."""
+    """Return how vggtransfer built ``model``: arch, weights, head and freeze policy.
+
+    The record is what checkpoints store to rebuild the model; it is empty for a model that
+    vggtransfer did not build. The result is a copy: changing it changes nothing.
+
+    Example:
+        >>> import vggtransfer as vt
+        >>> model = vt.freeze_features(vt.replace_classifier(vt.create_model("vgg11", weights=None), 2))
+        >>> spec = vt.build_spec(model)
+        >>> spec["arch"], spec["head"]["num_classes"], spec["freeze"]
+        ('vgg11', 2, {'batchnorm': 'frozen'})
+    """
     return copy.deepcopy(model.__dict__.get(_SPEC_ATTR, {}))
 
 

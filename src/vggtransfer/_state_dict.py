@@ -50,6 +50,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file is not a safe, tensor-only state dict.
+
     """
     path = Path(path)
     if not path.is_file():
@@ -124,6 +125,7 @@ def load_exactly(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, so
 
     Raises:
         ValueError: the keys or shapes differ; the model is left untouched.
+
     """
     differences = state_dict_differences(model, state_dict)
     if differences:

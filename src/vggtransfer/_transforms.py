@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 import torch
 from PIL import Image
@@ -47,7 +47,9 @@ class ImageTransform:
         for name in ("size", "resize"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"imagenet_transform: expected {name} to be a positive int but got {value!r}")
+                raise ValueError(
+                    f"imagenet_transform: expected {name} to be a positive int but got {value!r}"
+                )
         if self.resize < self.size:
             raise ValueError(
                 f"imagenet_transform: expected resize >= size (the centre crop is taken from the "
@@ -85,7 +87,10 @@ class ImageTransform:
                     v2.RandomHorizontalFlip(),
                 ]
             else:
-                geometry = [v2.Resize(self.resize, interpolation=mode, antialias=True), v2.CenterCrop(self.size)]
+                geometry = [
+                    v2.Resize(self.resize, interpolation=mode, antialias=True),
+                    v2.CenterCrop(self.size),
+                ]
             self._cache["pipeline"] = v2.Compose(
                 [
                     _as_rgb,
@@ -95,7 +100,8 @@ class ImageTransform:
                     v2.Normalize(list(self.mean), list(self.std)),
                 ]
             )
-        return self._cache["pipeline"]
+        pipeline: Callable[[Any], torch.Tensor] = self._cache["pipeline"]
+        return pipeline
 
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         """Return the normalised ``[3, size, size]`` float32 tensor for ``image``."""
@@ -150,7 +156,7 @@ def imagenet_transform(
     *,
     size: int | None = None,
     resize: int | None = None,
-    weights: Union[WeightsEnum, str, None] = None,
+    weights: WeightsEnum | str | None = None,
 ) -> ImageTransform:
     """The standard ImageNet preprocessing, for evaluation or for training.
 
@@ -184,6 +190,7 @@ def imagenet_transform(
         torch.Size([3, 224, 224])
         >>> vt.imagenet_transform(weights="VGG16_Weights.IMAGENET1K_FEATURES").std
         (0.00392156862745098, 0.00392156862745098, 0.00392156862745098)
+
     """
     settings: dict[str, Any] = {"train": bool(train)}
     if weights is not None:
@@ -205,7 +212,7 @@ def imagenet_transform(
     return ImageTransform(**settings)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _preset_for(weights: WeightsEnum) -> Any:
     return weights.transforms()
 
@@ -249,6 +256,7 @@ def unnormalize(
         >>> x = (gray - torch.tensor(vt.IMAGENET_MEAN)[:, None, None]) / torch.tensor(vt.IMAGENET_STD)[:, None, None]
         >>> torch.allclose(vt.unnormalize(x), gray)
         True
+
     """
     if not isinstance(tensor, torch.Tensor) or tensor.ndim not in (3, 4) or tensor.shape[-3] != len(mean):
         shape = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
