@@ -12,11 +12,16 @@ Build a pretrained model, freeze its features, give it a new head::
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._checkpoint import FORMAT_VERSION, CheckpointError
+from ._early_stopping import EarlyStopping
 from ._freeze import BatchNormPolicy, feature_extractor, freeze_features, unfreeze_features
 from ._heads import HEAD_ATTRIBUTES, append_classifier, find_classifier, replace_classifier
+from ._history import History
 from ._images import to_rgb
 from ._models import WeightsNotAvailableError, cached_weights_path, classification_models, create_model
+from ._predict import Prediction
 from ._spec import build_spec
+from ._trainer import LoadedModel, Trainer, load_model
 from ._transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, imagenet_transform, unnormalize
 
 try:
@@ -25,11 +30,18 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
+    "FORMAT_VERSION",
     "HEAD_ATTRIBUTES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "BatchNormPolicy",
+    "CheckpointError",
+    "EarlyStopping",
+    "History",
     "ImageTransform",
+    "LoadedModel",
+    "Prediction",
+    "Trainer",
     "WeightsNotAvailableError",
     "__version__",
     "append_classifier",
@@ -41,6 +53,7 @@ __all__ = [
     "find_classifier",
     "freeze_features",
     "imagenet_transform",
+    "load_model",
     "replace_classifier",
     "to_rgb",
     "unfreeze_features",

@@ -108,23 +108,88 @@ def create_model(
     """
     arch = _check_arch(arch)
     resolved = _resolve_weights(arch, weights)
-    kwargs = dict(builder_kwargs)
-    if not isinstance(resolved, WeightsEnum):
-        kwargs = {**_UNIFORM_OUTPUT_KWARGS.get(arch, {}), **kwargs}
-
     if isinstance(resolved, WeightsEnum):
         _fetch_and_verify(arch, resolved, progress=progress)
-        model: nn.Module = get_model(arch, weights=resolved, progress=progress, **kwargs)
+        model: nn.Module = get_model(arch, weights=resolved, progress=progress, **builder_kwargs)
         weights_record: str | None = f"{type(resolved).__name__}.{resolved.name}"
     else:
         # Read a local file before building, so a wrong path fails without the build's cost.
         state_dict = read_state_dict(resolved) if isinstance(resolved, Path) else None
+        kwargs = {**_UNIFORM_OUTPUT_KWARGS.get(arch, {}), **builder_kwargs}
         model = get_model(arch, weights=None, **kwargs)
         weights_record = None
         if isinstance(resolved, Path) and state_dict is not None:
             load_exactly(model, state_dict, source=str(resolved))
             weights_record = f"file:{resolved.resolve()}"
-    record(model, arch=arch, weights=weights_record, builder_kwargs=kwargs or None)
+    record(
+        model,
+        arch=arch,
+        weights=weights_record,
+        builder_kwargs=dict(builder_kwargs) or None,
+        random_init_kwargs={**_architecture_kwargs(arch, model), **builder_kwargs} or None,
+    )
+    return model
+
+
+def _architecture_kwargs(arch: str, model: nn.Module) -> dict[str, Any]:
+    """Builder options that pretrained builders set implicitly, needed to rebuild the same network.
+
+    A checkpoint rebuilds its model with ``weights=None`` (no download), so options that
+    torchvision's builders derive from the weights must be spelt out: GoogLeNet and Inception
+    rescale their input when pretrained, and ViT's image size comes from the weights.
+    """
+    kwargs: dict[str, Any] = dict(_UNIFORM_OUTPUT_KWARGS.get(arch, {}))
+    if isinstance(getattr(model, "transform_input", None), bool):
+        kwargs["transform_input"] = model.transform_input
+    if arch.startswith("vit_") and isinstance(getattr(model, "image_size", None), int):
+        kwargs["image_size"] = model.image_size
+    return kwargs
+
+
+def rebuild_model(spec: dict[str, Any], *, pretrained: bool) -> nn.Module:
+    """Build the model described by a :func:`build_spec` record: backbone, head, freeze policy.
+
+    Args:
+        spec: The record, as stored in a checkpoint.
+        pretrained: Load the backbone's recorded weights (needed when the checkpoint holds only
+            the head); otherwise start from random weights that the checkpoint then overwrites.
+
+    Raises:
+        ValueError: the record names no architecture, or names weights that cannot be rebuilt.
+    """
+    from ._freeze import freeze_features
+    from ._heads import append_classifier, replace_classifier
+
+    arch = spec.get("arch")
+    if not isinstance(arch, str):
+        raise ValueError(
+            "the checkpoint does not say how its model was built (no 'arch' in its build record): "
+            "it was saved from a model not made by vt.create_model; build that model yourself and "
+            "use Trainer(model).load_checkpoint(path)"
+        )
+    weights: Weights = None
+    if pretrained:
+        recorded = spec.get("weights")
+        if not recorded:
+            raise ValueError(
+                f"the checkpoint holds only the head of a {arch!r} whose backbone had random weights, "
+                f"which cannot be rebuilt; save full checkpoints (head_only=False) for such models"
+            )
+        weights = recorded[len("file:") :] if recorded.startswith("file:") else recorded
+    kwargs_key = "builder_kwargs" if pretrained else "random_init_kwargs"
+    model = create_model(arch, weights=weights, progress=False, **spec.get(kwargs_key, {}))
+    head = spec.get("head")
+    if head:
+        options = {"hidden": tuple(head["hidden"]), "dropout": head["dropout"]}
+        if head["method"] == "append":
+            model = append_classifier(model, head["num_classes"], **options)
+        else:
+            model = replace_classifier(
+                model, head["num_classes"], keep_hidden=head.get("keep_hidden", False), **options
+            )
+    freeze = spec.get("freeze")
+    if freeze:
+        freeze_features(model, batchnorm=freeze["batchnorm"])
     return model
 
 

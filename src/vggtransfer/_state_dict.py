@@ -99,9 +99,10 @@ def as_state_dict(obj: object, *, source: str) -> dict[str, torch.Tensor]:
     return strip_wrapper_prefixes(obj)
 
 
-def state_dict_differences(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-    """List, in words, how ``state_dict`` differs from ``model.state_dict()`` in keys and shapes."""
-    expected = model.state_dict()
+def state_dict_differences(
+    expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """List, in words, how ``state_dict`` differs from ``expected`` in keys and shapes."""
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
     reshaped = [
@@ -127,7 +128,7 @@ def load_exactly(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, so
         ValueError: the keys or shapes differ; the model is left untouched.
 
     """
-    differences = state_dict_differences(model, state_dict)
+    differences = state_dict_differences(model.state_dict(), state_dict)
     if differences:
         raise ValueError(
             f"the weights in {source} do not fit this model; nothing was loaded:\n  "

@@ -1,0 +1,91 @@
+"""Turning what users hand to ``predict`` (paths, PIL images, tensors) into one input batch."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["Prediction", "PredictInput", "to_batch"]
+
+#: One image: a file path, a PIL image, or a tensor ``[C, H, W]`` (uint8 = raw pixels, float =
+#: already preprocessed). A list of these, or a float tensor ``[B, 3, H, W]``, is a batch.
+PredictInput = Union[str, "os.PathLike[str]", Image.Image, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's answer for one input.
+
+    Attributes:
+        label: The predicted class name (the index as a string when no names are known).
+        index: The predicted class index.
+        probabilities: Softmax probability of every class, by class name, in class order.
+    """
+
+    label: str
+    index: int
+    probabilities: dict[str, float]
+
+
+def is_single(inputs: Any) -> bool:
+    """True when ``inputs`` is one image rather than a batch."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.ndim == 3
+    return isinstance(inputs, (str, os.PathLike, Image.Image))
+
+
+def as_items(inputs: Any) -> list[Any]:
+    """The inputs as a list of single images; raises TypeError for anything else."""
+    if is_single(inputs):
+        return [inputs]
+    if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
+        return list(inputs)
+    if not isinstance(inputs, (list, tuple)) or len(inputs) == 0:
+        raise TypeError(
+            f"predict: expected an image path, a PIL image, a tensor [C, H, W] or [B, C, H, W], "
+            f"or a non-empty list of these, but got {type(inputs).__name__}"
+            + (f" of shape {list(inputs.shape)}" if isinstance(inputs, torch.Tensor) else "")
+        )
+    return list(inputs)
+
+
+def to_batch(inputs: Any, transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+    """Return a float ``[B, 3, H, W]`` batch from one or many inputs.
+
+    Paths are opened and closed here; images go through ``transform`` (which converts any
+    PIL mode to RGB and applies EXIF orientation). Float tensors are taken as already
+    preprocessed, uint8 tensors as raw pixels to transform.
+    """
+    if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
+        if inputs.dtype == torch.uint8:
+            return torch.stack([transform(image) for image in inputs])
+        return inputs
+    items = as_items(inputs)
+    return torch.stack([_one(item, transform) for item in items])
+
+
+def _one(item: Any, transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+    if isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        try:
+            with Image.open(path) as image:
+                return transform(image)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"predict: image file {str(path)!r} does not exist") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise ValueError(f"predict: cannot read {str(path)!r} as an image ({exc})") from None
+    if isinstance(item, Image.Image):
+        return transform(item)
+    if isinstance(item, torch.Tensor) and item.ndim == 3:
+        return item if item.is_floating_point() else transform(item)
+    raise TypeError(
+        f"predict: expected each input to be an image path, a PIL image or a tensor [C, H, W] "
+        f"but got {type(item).__name__}"
+        + (f" of shape {list(item.shape)}" if isinstance(item, torch.Tensor) else "")
+    )

@@ -1,0 +1,756 @@
+"""The Trainer: a short, device-aware training loop that calls its collaborators.
+
+Each concern lives elsewhere: devices and precision in ``_device``, metrics in ``_metrics``,
+progress output in ``_progress``, random streams in ``_rng``, the file format in
+``_checkpoint`` and input handling for ``predict`` in ``_predict``. This module wires them into
+``fit`` / ``evaluate`` / ``predict`` and the checkpoint round trip.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import secrets
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ._checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    CheckpointError,
+    atomic_save,
+    check_finite,
+    cpu_state_dict,
+    fingerprint,
+    frozen_keys,
+    read_checkpoint,
+)
+from ._device import PrecisionName, eval_mode, resolve_device, resolve_precision
+from ._early_stopping import EarlyStopping
+from ._freeze import unfreeze_features
+from ._heads import _locate
+from ._history import History
+from ._metrics import ConfusionMatrix, RunningMean
+from ._models import rebuild_model
+from ._predict import PredictInput, Prediction, is_single, to_batch
+from ._progress import make_progress
+from ._rng import capture_rng, epoch_rng, restore_rng
+from ._spec import build_spec
+from ._state_dict import state_dict_differences
+from ._transforms import ImageTransform, imagenet_transform
+
+__all__ = ["LoadedModel", "Trainer", "load_model"]
+
+Data = Dataset[Any] | DataLoader[Any]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+class Trainer:
+    """Train, evaluate, predict with and checkpoint a classifier, on whatever device is there.
+
+    The Trainer is the loop you would write by hand for transfer learning, with the parts that
+    are easy to get wrong done right: frozen features stay frozen (BatchNorm included) across
+    epochs, metrics are computed without slowing the GPU down, the run is reproducible and can
+    be resumed bit for bit, Ctrl-C leaves a usable checkpoint, and checkpoints load safely on
+    any machine.
+
+    Args:
+        model: The network, typically from :func:`create_model`, :func:`freeze_features` and
+            :func:`replace_classifier`. It is moved to ``device``.
+        optimizer: Defaults to Adam over the trainable parameters with learning rate ``lr``.
+            An optimizer that also holds frozen parameters gets a warning.
+        lr: Learning rate of the default optimizer.
+        loss_fn: Defaults to ``nn.CrossEntropyLoss()``; called as ``loss_fn(logits, targets)``.
+        scheduler: An LR scheduler for ``optimizer``, or a function that makes one from the
+            optimizer (useful with the default optimizer); stepped once per epoch.
+        device: ``"auto"`` picks CUDA, then Apple MPS, then the CPU.
+        precision: ``"auto"`` uses bf16 autocast on CUDA GPUs that support it and fp32
+            elsewhere; ``"fp32"``, ``"bf16"`` and ``"fp16"`` (with gradient scaling) force one.
+        class_names: Names of the classes, in output order; taken from the training dataset's
+            ``classes`` attribute (as ImageFolder has) when not given.
+        transform: Preprocessing that ``predict`` applies to paths and images, and that
+            checkpoints record; defaults to :func:`imagenet_transform` for the model's weights.
+        seed: Seeds shuffling and dropout; a random one is drawn (and checkpointed) when None.
+        progress: Show a progress bar (tqdm, on a terminal) or one line per epoch.
+
+    Example:
+        >>> import torch, vggtransfer as vt
+        >>> from torch.utils.data import TensorDataset
+        >>> model = vt.replace_classifier(vt.freeze_features(vt.create_model("vgg11", weights=None)), 2)
+        >>> data = TensorDataset(torch.randn(8, 3, 32, 32), torch.tensor([0, 1] * 4))
+        >>> trainer = vt.Trainer(model, device="cpu", seed=0, progress=False)
+        >>> history = trainer.fit(data, epochs=2, batch_size=4, num_workers=0)
+        >>> len(history), trainer.epoch
+        (2, 2)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr: float = 1e-3,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        scheduler: Any = None,
+        device: str | torch.device = "auto",
+        precision: PrecisionName = "auto",
+        class_names: Sequence[str] | None = None,
+        transform: ImageTransform | Callable[[Any], torch.Tensor] | None = None,
+        seed: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Trainer: expected model to be an nn.Module but got {type(model).__name__}")
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.model = model.to(self.device)
+        self.lr = lr
+        self.optimizer = optimizer if optimizer is not None else self._default_optimizer()
+        if optimizer is not None:
+            self._warn_if_optimizer_holds_frozen(optimizer)
+        self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+        if scheduler is not None and not hasattr(scheduler, "state_dict") and callable(scheduler):
+            scheduler = scheduler(self.optimizer)
+        self.scheduler = scheduler
+        self.scaler = self.precision.make_scaler()
+        self.class_names = list(class_names) if class_names is not None else None
+        self.transform = transform if transform is not None else _default_transform(unwrap(model))
+        self.seed = seed if seed is not None else secrets.randbits(62)
+        self.progress = make_progress(progress)
+        self.epoch = 0
+        self.global_step = 0
+        self.history = History()
+        self.unfreeze_lr: float | None = None
+        self._best: dict[str, Any] = {"value": None, "epoch": None, "wait": 0, "state": None}
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    @property
+    def network(self) -> nn.Module:
+        """The model without DDP / compile wrappers: what checkpoints save and load."""
+        return unwrap(self.model)
+
+    def _default_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(
+                "Trainer: the model has no trainable parameters (every requires_grad is False); "
+                "give it a new head with vt.replace_classifier(model, num_classes) or call "
+                "vt.unfreeze_features(model)"
+            )
+        return torch.optim.Adam(params, lr=self.lr)
+
+    def _warn_if_optimizer_holds_frozen(self, optimizer: torch.optim.Optimizer) -> None:
+        frozen = sum(1 for group in optimizer.param_groups for p in group["params"] if not p.requires_grad)
+        if frozen:
+            warnings.warn(
+                f"Trainer: the optimizer holds {frozen} frozen parameters (requires_grad=False). "
+                f"They are not trained now, but weight decay and momentum buffers are kept for "
+                f"them, and they would train at the head's learning rate if unfrozen later. "
+                f"HINT: build the optimizer from the trainable parameters only: "
+                f"torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=...)",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def unfreeze_features(self, *, lr: float | None = None) -> None:
+        """Start fine-tuning: unfreeze the feature extractor and train it at learning rate ``lr``.
+
+        Calls :func:`unfreeze_features` on the model and adds the newly trainable parameters
+        to the optimizer as a new parameter group, so the head keeps its own learning rate.
+        Checkpoints record the switch, and :meth:`load_checkpoint` repeats it.
+
+        Args:
+            lr: Learning rate of the features; defaults to a tenth of ``lr``.
+        """
+        lr = self.lr / 10 if lr is None else lr
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        unfreeze_features(self.network)
+        new = [p for p in self.network.parameters() if p.requires_grad and id(p) not in held]
+        if new:
+            self.optimizer.add_param_group({"params": new, "lr": lr})
+        self.unfreeze_lr = lr
+
+    def _loader(
+        self, data: Data, *, batch_size: int, shuffle: bool, num_workers: int | None, what: str
+    ) -> DataLoader[Any]:
+        if isinstance(data, DataLoader):
+            return data
+        if not isinstance(data, Dataset) or not hasattr(data, "__len__"):
+            raise TypeError(
+                f"{what}: expected a torch Dataset (with __len__) or a DataLoader but got {type(data).__name__}"
+            )
+        if len(data) == 0:
+            raise ValueError(f"{what}: the dataset is empty; expected at least one (image, label) sample")
+        _check_sample(data[0], what)
+        if num_workers is None:
+            num_workers = min(8, max(0, (os.cpu_count() or 1) - 1))
+        # The generator is reseeded at the start of every epoch (see fit), which fixes both the
+        # shuffling order and the worker seeds drawn from it.
+        generator = torch.Generator()
+        generator.manual_seed(self.seed)
+        return DataLoader(
+            data,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=generator,
+        )
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(
+        self,
+        train: Data,
+        val: Data | None = None,
+        *,
+        epochs: int,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        early_stopping: EarlyStopping | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+    ) -> History:
+        """Train until ``epochs`` epochs are done in total, validating after each.
+
+        ``epochs`` is the total to reach, not a count to add: a Trainer resumed from a
+        checkpoint saved after epoch 3 and asked for ``epochs=10`` trains epochs 4 to 10.
+
+        Args:
+            train: (image tensor, label) samples, as a Dataset (shuffled each epoch from the
+                seed, which makes runs reproducible and resumable) or your own DataLoader.
+            val: Validation samples, evaluated after every epoch.
+            epochs: Total number of epochs to reach.
+            batch_size: Samples per step, for Datasets.
+            num_workers: Loader processes, for Datasets; default one per core but one, up to 8.
+            early_stopping: Stop when a metric stops improving (and restore the best weights).
+            checkpoint_dir: Keep ``last.pt`` (every epoch) and ``best.pt`` (best monitored
+                metric: ``early_stopping.monitor``, else ``val_loss``, else ``train_loss``).
+                Ctrl-C writes ``interrupted.pt`` there (or in the working directory).
+
+        Returns:
+            The :class:`History` of all epochs so far.
+
+        Raises:
+            FloatingPointError: the loss became NaN or infinite; names epoch and step.
+            KeyboardInterrupt: after saving ``interrupted.pt``.
+        """
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            raise ValueError(
+                f"fit: expected epochs to be an int >= 0 (the total to reach) but got {epochs!r}"
+            )
+        monitor = (
+            early_stopping.monitor if early_stopping else ("val_loss" if val is not None else "train_loss")
+        )
+        if monitor.startswith("val_") and val is None:
+            raise ValueError(
+                f"fit: early stopping monitors {monitor!r} but no validation data was given; pass "
+                f"val=... or monitor a training metric, e.g. EarlyStopping(monitor='train_loss')"
+            )
+        train_loader = self._loader(
+            train, batch_size=batch_size, shuffle=True, num_workers=num_workers, what="fit(train)"
+        )
+        val_loader = (
+            None
+            if val is None
+            else self._loader(
+                val, batch_size=batch_size, shuffle=False, num_workers=num_workers, what="fit(val)"
+            )
+        )
+        self._adopt_class_names(train)
+        stopper = early_stopping or EarlyStopping(monitor=monitor, patience=epochs + 1, restore_best=False)
+        folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        try:
+            while self.epoch < epochs:
+                record = self._run_epoch(train_loader, val_loader, self.epoch + 1, epochs)
+                improved = stopper.improves(record[monitor], self._best["value"])
+                self._update_best(record, monitor, improved, keep_weights=stopper.restore_best)
+                if folder is not None:
+                    self.save_checkpoint(folder / "last.pt")
+                    if improved:
+                        self.save_checkpoint(folder / "best.pt")
+                if (
+                    early_stopping
+                    and self._best["wait"] > 0
+                    and self._best["wait"] >= early_stopping.patience
+                ):
+                    self.progress.message(
+                        f"early stopping: {monitor} has not improved for {early_stopping.patience} epochs "
+                        f"(best {self._best['value']:.4f} at epoch {self._best['epoch']})"
+                    )
+                    break
+        except KeyboardInterrupt:
+            path = (folder or Path.cwd()) / "interrupted.pt"
+            self.save_checkpoint(path, interrupted=True)
+            self.progress.message(
+                f"interrupted: saved a checkpoint to {path}; resume with trainer.load_checkpoint(path)"
+            )
+            raise
+        if early_stopping and early_stopping.restore_best and self._best["state"] is not None:
+            self._merge_into_model(self._best["state"])
+        return self.history
+
+    def _run_epoch(
+        self, train_loader: DataLoader[Any], val_loader: DataLoader[Any] | None, epoch: int, epochs: int
+    ) -> dict[str, float]:
+        started = time.perf_counter()
+        with epoch_rng(self.seed, epoch, self.device):
+            if train_loader.generator is not None:
+                train_loader.generator.manual_seed(self.seed + epoch)
+            train_metrics = self._train_one_epoch(train_loader, epoch, epochs)
+        record: dict[str, float] = {
+            "epoch": epoch,
+            "train_loss": train_metrics["loss"],
+            "train_accuracy": train_metrics["accuracy"],
+        }
+        if val_loader is not None:
+            val_metrics = self._evaluate_loader(val_loader, confusion=None)
+            record.update(val_loss=val_metrics["loss"], val_accuracy=val_metrics["accuracy"])
+        record["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        if self.scheduler is not None:
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step(record.get("val_loss", record["train_loss"]))
+            else:
+                self.scheduler.step()
+        record["time_s"] = time.perf_counter() - started
+        self.epoch = epoch
+        self.history.append(record)
+        self.progress.end_epoch(record)
+        return record
+
+    def _train_one_epoch(self, loader: DataLoader[Any], epoch: int, epochs: int) -> dict[str, float]:
+        self.model.train()
+        meter = RunningMean(self.device)
+        self.progress.start_epoch(epoch, epochs, _length(loader), "train")
+        for step, (inputs, targets) in enumerate(loader, start=1):
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            with self.precision.autocast():
+                logits = self.model(inputs)
+                loss = self.loss_fn(logits, targets)
+            loss_value = float(loss.detach())  # one sync per step: the NaN check needs it anyway
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"fit: the loss became {loss_value} at epoch {epoch}, step {step}; training stopped "
+                    f"before the optimizer applied it and no checkpoint was written from this state. "
+                    f"Lower the learning rate (lr={self.optimizer.param_groups[0]['lr']:g} now) or check "
+                    f"the inputs and labels of this batch for NaN or out-of-range values"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.global_step += 1
+            meter.update(loss, logits.float(), targets)
+            self.progress.step(loss_value, int(targets.shape[0]))
+        return RunningMean.summarise(meter.totals())
+
+    def _update_best(
+        self, record: dict[str, float], monitor: str, improved: bool, keep_weights: bool
+    ) -> None:
+        if improved:
+            # Only the trained entries: frozen ones cannot have changed since.
+            state = cpu_state_dict(self.network, skip=frozen_keys(self.network)) if keep_weights else None
+            self._best = {"value": record[monitor], "epoch": int(record["epoch"]), "wait": 0, "state": state}
+        else:
+            self._best["wait"] += 1
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _evaluate_loader(
+        self, loader: DataLoader[Any], confusion: ConfusionMatrix | None
+    ) -> dict[str, float]:
+        meter = RunningMean(self.device)
+        with eval_mode(self.model), torch.no_grad():
+            for inputs, targets in loader:
+                inputs = inputs.to(self.device, non_blocking=True)
+                targets = targets.to(self.device, non_blocking=True)
+                with self.precision.autocast():
+                    logits = self.model(inputs)
+                    loss = self.loss_fn(logits, targets)
+                meter.update(loss, logits.float(), targets)
+                if confusion is not None:
+                    confusion.update(logits.float(), targets)
+        return RunningMean.summarise(meter.totals())
+
+    def evaluate(self, data: Data, *, batch_size: int = 32, num_workers: int | None = None) -> dict[str, Any]:
+        """Loss, accuracy, confusion matrix and per-class precision/recall on ``data``.
+
+        Returns:
+            ``{"loss", "accuracy", "count", "class_names", "confusion_matrix", "per_class"}``:
+            accuracy is a fraction in [0, 1]; ``confusion_matrix[i][j]`` counts samples of class
+            ``i`` predicted as ``j``; ``per_class[name]`` has ``precision``, ``recall`` and
+            ``support``.
+        """
+        loader = self._loader(
+            data, batch_size=batch_size, shuffle=False, num_workers=num_workers, what="evaluate"
+        )
+        names = self._names(_output_count(self.network))
+        confusion = ConfusionMatrix(len(names), self.device)
+        metrics = self._evaluate_loader(loader, confusion)
+        report = confusion.report(names)
+        return {
+            **metrics,
+            "count": int(confusion.counts.sum()),
+            "class_names": names,
+            **report,
+        }
+
+    def predict(
+        self, inputs: PredictInput | Sequence[PredictInput], *, batch_size: int = 32
+    ) -> Prediction | list[Prediction]:
+        """Classify images: paths, PIL images or tensors, one or many.
+
+        Always runs in evaluation mode without gradients (the model's mode is restored after).
+        Paths and PIL images go through ``transform``, which converts any mode to RGB and
+        honours EXIF orientation; uint8 tensors are raw pixels, float tensors are taken as
+        already preprocessed.
+
+        Returns:
+            One :class:`Prediction` for one input, a list for a list or a batch tensor.
+        """
+        single = is_single(inputs)
+        chunks: list[Any]
+        if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
+            chunks = list(torch.split(inputs, batch_size))
+        else:
+            items = as_items(inputs)
+            chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+        predictions: list[Prediction] = []
+        with eval_mode(self.model), torch.no_grad():
+            for chunk in chunks:
+                batch = to_batch(chunk, self.transform).to(self.device)
+                with self.precision.autocast():
+                    logits = self.model(batch)
+                probabilities = logits.float().softmax(dim=1).cpu()
+                names = self._names(probabilities.shape[1])
+                for row in probabilities:
+                    index = int(row.argmax())
+                    predictions.append(
+                        Prediction(names[index], index, dict(zip(names, row.tolist(), strict=True)))
+                    )
+        return predictions[0] if single else predictions
+
+    def _names(self, count: int) -> list[str]:
+        if self.class_names is not None and len(self.class_names) == count:
+            return list(self.class_names)
+        return [str(i) for i in range(count)]
+
+    def _adopt_class_names(self, data: Data) -> None:
+        dataset = data.dataset if isinstance(data, DataLoader) else data
+        found = getattr(dataset, "classes", None)
+        if not isinstance(found, (list, tuple)) or not all(isinstance(c, str) for c in found):
+            return
+        if self.class_names is None:
+            self.class_names = list(found)
+        elif list(found) != self.class_names:
+            raise ValueError(
+                f"fit: the training data's classes {list(found)} differ from the Trainer's "
+                f"class_names {self.class_names}; labels would be misnamed. Pass matching class_names"
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(
+        self, path: str | os.PathLike[str], *, head_only: bool = False, interrupted: bool = False
+    ) -> Path:
+        """Write everything needed to resume or to deploy into one file, atomically.
+
+        Args:
+            path: Destination; its folder is created. An existing file is replaced only once
+                the new one is complete.
+            head_only: Store only the trained entries (the head, and BatchNorm layers if they
+                train) plus the backbone's identity and fingerprint: about 50 MB instead of
+                530 MB for VGG16. Needs a backbone that can be rebuilt (pretrained weights).
+            interrupted: Mark the file as written mid-epoch (``fit`` does this on Ctrl-C).
+
+        Raises:
+            CheckpointError: the weights hold NaN or infinity (nothing is written), or
+                ``head_only`` was asked for a backbone that cannot be rebuilt.
+        """
+        network = self.network
+        spec = build_spec(network)
+        skip = frozen_keys(network) if head_only else set()
+        if head_only and not spec.get("weights"):
+            raise CheckpointError(
+                "save_checkpoint: head_only=True needs a backbone that can be rebuilt from pretrained "
+                "weights, but this model was not built by vt.create_model with weights; save a full "
+                "checkpoint (head_only=False)"
+            )
+        model_state = cpu_state_dict(network, skip=skip)
+        check_finite(model_state, what="save_checkpoint: the model")
+        data = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": model_state,
+            "head_only": head_only,
+            "backbone_sha256": fingerprint(network.state_dict(), skip) if head_only else None,
+            "build": spec,
+            "class_names": self.class_names,
+            "transform": self.transform.to_dict() if isinstance(self.transform, ImageTransform) else None,
+            "trainer": {
+                "epoch": self.epoch,
+                "global_step": self.global_step,
+                "interrupted": interrupted,
+                "seed": self.seed,
+                "lr": self.lr,
+                "precision": self.precision.name,
+                "unfreeze_lr": self.unfreeze_lr,
+                "optimizer": _to_cpu(self.optimizer.state_dict()),
+                "scheduler": _to_cpu(self.scheduler.state_dict()) if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict(),
+                "history": self.history.to_dict(),
+                "best": _to_cpu(self._best),
+                "rng": capture_rng(),
+            },
+        }
+        return atomic_save(data, path)
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Restore a checkpoint into this Trainer, to continue training exactly where it stopped.
+
+        Build the Trainer the same way as the one that saved (same architecture, head and
+        optimizer type); the checkpoint then restores weights, optimizer, scheduler, gradient
+        scaler, epoch, history, early-stopping state, class names, transform and random
+        states. If the features were unfrozen for fine-tuning, that is repeated first.
+
+        Everything is checked before anything is changed: on any error the Trainer is as it was.
+
+        Raises:
+            CheckpointError: unreadable or unsafe file, unknown format version, other
+                architecture, other class count or names, missing or unexpected weights,
+                shape mismatches, NaN weights, or an optimizer of another shape.
+        """
+        data = read_checkpoint(path)
+        network = self.network
+        _check_identity(data, network, self.class_names, source=str(path))
+        state = data["model"]
+        trainer_state = data["trainer"]
+        needs_unfreeze = trainer_state.get("unfreeze_lr") is not None and self.unfreeze_lr is None
+        if trainer_state.get("unfreeze_lr") is None and self.unfreeze_lr is not None:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was saved before the features were unfrozen, but this "
+                f"Trainer has already unfrozen them; load it into a Trainer built like the original"
+            )
+        target_frozen = set() if needs_unfreeze else frozen_keys(network)
+        _check_model_state(
+            data, network, state, target_frozen if data["head_only"] else set(), source=str(path)
+        )
+        _check_optimizer_shape(
+            self.optimizer, trainer_state["optimizer"], network, needs_unfreeze, source=str(path)
+        )
+
+        # Everything checked: apply.
+        if needs_unfreeze:
+            self.unfreeze_features(lr=trainer_state["unfreeze_lr"])
+        self._merge_into_model(state)
+        self.optimizer.load_state_dict(trainer_state["optimizer"])
+        if self.scheduler is not None and trainer_state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(trainer_state["scheduler"])
+        if trainer_state.get("scaler"):
+            self.scaler.load_state_dict(trainer_state["scaler"])
+        self.epoch = int(trainer_state["epoch"])
+        self.global_step = int(trainer_state["global_step"])
+        self.seed = int(trainer_state["seed"])
+        self.history = History.from_dict(trainer_state["history"])
+        self._best = dict(trainer_state["best"])
+        if data.get("class_names") is not None:
+            self.class_names = list(data["class_names"])
+        if data.get("transform") is not None:
+            self.transform = ImageTransform.from_dict(data["transform"])
+        restore_rng(trainer_state["rng"])
+
+    def _merge_into_model(self, state: dict[str, torch.Tensor]) -> None:
+        """Load ``state`` (all entries, or the trained subset) with strict key checking."""
+        merged = self.network.state_dict()
+        merged.update(state)
+        self.network.load_state_dict(merged, strict=True)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _default_transform(model: nn.Module) -> ImageTransform:
+    weights = build_spec(model).get("weights")
+    if isinstance(weights, str) and not weights.startswith("file:"):
+        return imagenet_transform(weights=weights)
+    return imagenet_transform()
+
+
+def _check_sample(sample: Any, what: str) -> None:
+    if not (isinstance(sample, (tuple, list)) and len(sample) == 2):
+        raise TypeError(
+            f"{what}: expected each sample to be an (image, label) pair but the first one is a "
+            f"{type(sample).__name__}"
+        )
+    image, label = sample
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(
+            f"{what}: expected the image of each sample to be a tensor but the first one is a "
+            f"{type(image).__name__}; give the dataset a transform, e.g. "
+            f"ImageFolder(root, transform=vt.imagenet_transform())"
+        )
+    if not isinstance(label, (int, torch.Tensor)) or isinstance(label, bool):
+        raise TypeError(
+            f"{what}: expected the label of each sample to be an int class index but the first one "
+            f"is a {type(label).__name__}"
+        )
+
+
+def _length(loader: DataLoader[Any]) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _output_count(model: nn.Module) -> int:
+    head = build_spec(model).get("head")
+    if head:
+        return int(head["num_classes"])
+    found = _locate(model, "Trainer")
+    last = found.layers[found.projections[-1]]
+    return int(getattr(last, "out_features", getattr(last, "out_channels", 0)))
+
+
+def _to_cpu(obj: Any) -> Any:
+    """A copy of nested dicts/lists/tuples with every tensor moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _check_identity(
+    data: dict[str, Any], network: nn.Module, class_names: list[str] | None, *, source: str
+) -> None:
+    saved_arch = data["build"].get("arch")
+    my_arch = build_spec(network).get("arch")
+    if saved_arch and my_arch and saved_arch != my_arch:
+        raise CheckpointError(
+            f"checkpoint {source!r} was saved from a {saved_arch!r} model but this model is a "
+            f"{my_arch!r}; build the same architecture (vt.create_model({saved_arch!r}, ...)) or use "
+            f"vt.load_model(path)"
+        )
+    saved_names = data.get("class_names")
+    outputs = _output_count(network)
+    if saved_names is not None and len(saved_names) != outputs:
+        raise CheckpointError(
+            f"checkpoint {source!r} has {len(saved_names)} classes {saved_names} but this model has "
+            f"{outputs} outputs; build it with vt.replace_classifier(model, {len(saved_names)})"
+        )
+    if saved_names is not None and class_names is not None and list(saved_names) != list(class_names):
+        raise CheckpointError(
+            f"checkpoint {source!r} has classes {saved_names} but this Trainer has {class_names}; "
+            f"predictions would be misnamed"
+        )
+
+
+def _check_model_state(
+    data: dict[str, Any], network: nn.Module, state: dict[str, torch.Tensor], frozen: set[str], *, source: str
+) -> None:
+    current = network.state_dict()
+    if data["head_only"]:
+        if fingerprint(current, frozen) != data.get("backbone_sha256"):
+            raise CheckpointError(
+                f"checkpoint {source!r} holds only a head trained on a specific backbone "
+                f"({data['build'].get('arch')}, weights {data['build'].get('weights')}), and this "
+                f"model's frozen backbone differs from it; build the model with those weights"
+            )
+        current = {k: v for k, v in current.items() if k not in frozen}
+    differences = state_dict_differences(current, state)
+    if differences:
+        raise CheckpointError(
+            f"checkpoint {source!r} does not fit this model; nothing was loaded:\n  "
+            + "\n  ".join(differences)
+        )
+    check_finite(state, what=f"checkpoint {source!r}")
+
+
+def _check_optimizer_shape(
+    optimizer: torch.optim.Optimizer,
+    saved: dict[str, Any],
+    network: nn.Module,
+    needs_unfreeze: bool,
+    *,
+    source: str,
+) -> None:
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if needs_unfreeze:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        sizes.append(sum(1 for p in network.parameters() if id(p) not in held))
+    saved_sizes = [len(group["params"]) for group in saved.get("param_groups", [])]
+    if sizes != saved_sizes:
+        raise CheckpointError(
+            f"checkpoint {source!r} holds optimizer state for parameter groups of sizes {saved_sizes} "
+            f"but this Trainer's optimizer would have {sizes}; build the Trainer with the same "
+            f"optimizer and freezing as the one that saved it"
+        )
+
+
+class LoadedModel(NamedTuple):
+    """What :func:`load_model` returns: unpack it as ``model, class_names, transform``."""
+
+    model: nn.Module
+    class_names: list[str] | None
+    transform: ImageTransform
+
+
+def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a checkpoint into a freshly built model, ready for inference.
+
+    The model is rebuilt from the checkpoint's build record (architecture, head, freeze
+    policy), so no training code or data is needed; a head-only checkpoint rebuilds the
+    pretrained backbone (from torchvision's cache or the recorded local file) and checks its
+    fingerprint before attaching the head.
+
+    Args:
+        path: A checkpoint written by :meth:`Trainer.save_checkpoint`.
+        device: Where to put the model.
+
+    Returns:
+        ``LoadedModel(model, class_names, transform)``: the model in eval mode, the class names
+        (or None), and the evaluation transform it was trained with.
+
+    Raises:
+        CheckpointError: the file is unreadable, unsafe, of an unknown version, or its content
+            does not fit the architecture it names.
+        WeightsNotAvailableError: a head-only checkpoint's backbone weights cannot be found.
+    """
+    data = read_checkpoint(path)
+    try:
+        network = rebuild_model(data["build"], pretrained=data["head_only"])
+    except ValueError as exc:
+        raise CheckpointError(f"cannot rebuild the model of checkpoint {str(path)!r}: {exc}") from None
+    frozen = frozen_keys(network) if data["head_only"] else set()
+    _check_model_state(data, network, data["model"], frozen, source=str(path))
+    merged = network.state_dict()
+    merged.update(data["model"])
+    network.load_state_dict(merged, strict=True)
+    settings = data.get("transform")
+    transform = (
+        ImageTransform.from_dict({**settings, "train": False}) if settings else _default_transform(network)
+    )
+    names = data.get("class_names")
+    return LoadedModel(network.to(resolve_device(device)).eval(), list(names) if names else None, transform)
