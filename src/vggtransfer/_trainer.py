@@ -40,7 +40,7 @@ from ._heads import _locate
 from ._history import History
 from ._metrics import ConfusionMatrix, RunningMean
 from ._models import rebuild_model
-from ._predict import PredictInput, Prediction, is_single, to_batch
+from ._predict import PredictInput, Prediction, as_items, is_single, to_batch
 from ._progress import make_progress
 from ._rng import capture_rng, epoch_rng, restore_rng
 from ._spec import build_spec
