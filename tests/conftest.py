@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# tests/helpers.py is imported by tests and by the subprocesses they start.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PETS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "oxford-pets-sample"
 

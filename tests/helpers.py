@@ -1,0 +1,57 @@
+"""Small, learnable, deterministic data and models for Trainer tests (also used by subprocesses)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+import vggtransfer as vt
+
+
+def blobs(n: int = 48, size: int = 32, seed: int = 0) -> TensorDataset:
+    """Two classes a VGG can tell apart at 32 px: warm versus cool images, with noise."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    colour = torch.tensor([1.0, 0.0, -1.0]).view(1, 3, 1, 1) * (labels.float() * 2 - 1).view(-1, 1, 1, 1)
+    images = colour + torch.randn(n, 3, size, size, generator=generator)
+    return TensorDataset(images, labels)
+
+
+class Named(Dataset):
+    """A dataset with ImageFolder's ``classes`` attribute."""
+
+    def __init__(self, inner: Dataset, classes: list[str]) -> None:
+        self.inner, self.classes = inner, classes
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        return self.inner[index]
+
+
+_BUILT: dict[tuple[str, int], nn.Module] = {}
+
+
+def vgg(arch: str = "vgg11_bn", *, num_classes: int = 2, seed: int = 0) -> nn.Module:
+    """A frozen VGG with the recipe's head, identically initialised for the same seed."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if (arch, seed) not in _BUILT:  # building VGG initialises 130M weights: do it once
+            _BUILT[arch, seed] = vt.create_model(arch, weights=None)
+        model = copy.deepcopy(_BUILT[arch, seed])
+        return vt.replace_classifier(vt.freeze_features(model), num_classes)
+
+
+def trainer(model: nn.Module | None = None, **kwargs) -> vt.Trainer:
+    options = {"device": "cpu", "seed": 1234, "progress": False, "class_names": ["cool", "warm"]}
+    options.update(kwargs)
+    return vt.Trainer(model if model is not None else vgg(), **options)
+
+
+def weights_equal(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
