@@ -43,6 +43,7 @@ def vgg(arch: str = "vgg11_bn", *, num_classes: int = 2, seed: int = 0) -> nn.Mo
         if (arch, seed) not in _BUILT:  # building VGG initialises 130M weights: do it once
             _BUILT[arch, seed] = vt.create_model(arch, weights=None)
         model = copy.deepcopy(_BUILT[arch, seed])
+        torch.manual_seed(seed)  # the head's initialisation must not depend on the cache above
         return vt.replace_classifier(vt.freeze_features(model), num_classes)
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import Named, blobs, trainer, vgg, weights_equal
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import vggtransfer as vt
+from helpers import Named, blobs, trainer, vgg, weights_equal
 
 
 def test_fit_learns_loss_down_accuracy_up() -> None:
@@ -23,7 +23,15 @@ def test_fit_learns_loss_down_accuracy_up() -> None:
     assert len(history) == 4 and t.epoch == 4
     assert history["train_loss"][-1] < history["train_loss"][0] * 0.5
     assert history["val_accuracy"][-1] >= 0.9
-    assert set(history.last) == {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "time_s"}
+    assert set(history.last) == {
+        "epoch",
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "lr",
+        "time_s",
+    }
     assert all(0.0 <= a <= 1.0 for a in history["train_accuracy"])
 
 
@@ -53,7 +61,10 @@ def test_default_optimizer_holds_only_trainable_parameters() -> None:
 
 def test_optimizer_with_frozen_parameters_warns_with_hint() -> None:
     model = vgg()
-    with pytest.warns(UserWarning, match=r"the optimizer holds \d+ frozen parameters .* HINT: build the optimizer from the trainable parameters only"):
+    with pytest.warns(
+        UserWarning,
+        match=r"the optimizer holds \d+ frozen parameters .* HINT: build the optimizer from the trainable parameters only",
+    ):
         vt.Trainer(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), device="cpu", progress=False)
 
 
@@ -66,9 +77,15 @@ def test_model_without_trainable_parameters_is_refused() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"device": "tpu"}, "Trainer: expected device to be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or a torch.device but got 'tpu'"),
+        (
+            {"device": "tpu"},
+            "Trainer: expected device to be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or a torch.device but got 'tpu'",
+        ),
         ({"device": "cuda"}, "Trainer: device 'cuda' was requested but CUDA is not available"),
-        ({"precision": "fp8"}, "Trainer: expected precision to be 'auto', 'fp32', 'bf16' or 'fp16' but got 'fp8'"),
+        (
+            {"precision": "fp8"},
+            "Trainer: expected precision to be 'auto', 'fp32', 'bf16' or 'fp16' but got 'fp8'",
+        ),
         ({"precision": "fp16", "device": "cpu"}, "Trainer: precision='fp16' needs a GPU"),
     ],
 )
@@ -97,7 +114,10 @@ def test_user_dataloader_and_class_names_from_dataset() -> None:
     loader = DataLoader(Named(blobs(), ["cool", "warm"]), batch_size=16, shuffle=True)
     t.fit(loader, epochs=1)
     assert t.class_names == ["cool", "warm"]
-    with pytest.raises(ValueError, match=r"the training data's classes \['a', 'b'\] differ from the Trainer's class_names \['cool', 'warm'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"the training data's classes \['a', 'b'\] differ from the Trainer's class_names \['cool', 'warm'\]",
+    ):
         t.fit(Named(blobs(), ["a", "b"]), epochs=2, num_workers=0)
 
 
@@ -110,11 +130,16 @@ def test_bad_datasets_are_explained_before_training() -> None:
             return Image.new("RGB", (32, 32)), 0
 
     t = trainer()
-    with pytest.raises(TypeError, match="expected the image of each sample to be a tensor but the first one is a Image; give the dataset a transform"):
+    with pytest.raises(
+        TypeError,
+        match="expected the image of each sample to be a tensor but the first one is a Image; give the dataset a transform",
+    ):
         t.fit(PILData(), epochs=1)
     with pytest.raises(ValueError, match="fit\\(train\\): the dataset is empty"):
         t.fit(TensorDataset(torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long)), epochs=1)
-    with pytest.raises(TypeError, match="expected a torch Dataset \\(with __len__\\) or a DataLoader but got list"):
+    with pytest.raises(
+        TypeError, match="expected a torch Dataset \\(with __len__\\) or a DataLoader but got list"
+    ):
         t.fit([1, 2, 3], epochs=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="expected epochs to be an int >= 0"):
         t.fit(blobs(), epochs=-1)
@@ -160,7 +185,13 @@ def test_predict_tensors_single_and_batch_in_eval_mode() -> None:
 
 def test_predict_real_photos_in_every_mode(pet_photos: list[Path], tmp_path: Path) -> None:
     model = vt.replace_classifier(vt.freeze_features(vt.create_model("vgg11", weights=None)), 2)
-    t = vt.Trainer(model, device="cpu", progress=False, class_names=["cat", "dog"], transform=vt.imagenet_transform(size=64))
+    t = vt.Trainer(
+        model,
+        device="cpu",
+        progress=False,
+        class_names=["cat", "dog"],
+        transform=vt.imagenet_transform(size=64),
+    )
     source = pet_photos[0]
     with Image.open(source) as image:
         rgb = image.convert("RGB")
@@ -209,7 +240,10 @@ def test_predict_input_errors(tmp_path: Path) -> None:
     (tmp_path / "notes.jpg").write_text("not an image")
     with pytest.raises(ValueError, match="predict: cannot read '.*notes.jpg' as an image"):
         t.predict(str(tmp_path / "notes.jpg"))
-    with pytest.raises(TypeError, match="predict: expected an image path, a PIL image, a tensor \\[C, H, W\\] or \\[B, C, H, W\\], or a non-empty list of these, but got int"):
+    with pytest.raises(
+        TypeError,
+        match="predict: expected an image path, a PIL image, a tensor \\[C, H, W\\] or \\[B, C, H, W\\], or a non-empty list of these, but got int",
+    ):
         t.predict(3)  # type: ignore[arg-type]
 
 
@@ -218,7 +252,9 @@ def test_early_stopping_stops_and_restores_best_weights() -> None:
     t = trainer(lr=0.05)
     stopper = vt.EarlyStopping(monitor="val_loss", patience=1)
 
-    history = t.fit(blobs(48), blobs(32, seed=3), epochs=12, batch_size=8, num_workers=0, early_stopping=stopper)
+    history = t.fit(
+        blobs(48), blobs(32, seed=3), epochs=12, batch_size=8, num_workers=0, early_stopping=stopper
+    )
     losses = history["val_loss"]
     best_epoch = 1 + losses.index(min(losses))
     assert len(history) < 12, "should have stopped early"
@@ -228,7 +264,9 @@ def test_early_stopping_stops_and_restores_best_weights() -> None:
 
 
 def test_early_stopping_needs_validation_for_val_metric() -> None:
-    with pytest.raises(ValueError, match="early stopping monitors 'val_accuracy' but no validation data was given"):
+    with pytest.raises(
+        ValueError, match="early stopping monitors 'val_accuracy' but no validation data was given"
+    ):
         trainer().fit(blobs(), epochs=1, early_stopping=vt.EarlyStopping(monitor="val_accuracy"))
     with pytest.raises(ValueError, match="EarlyStopping: expected monitor to be 'val_loss'"):
         vt.EarlyStopping(monitor="loss")
@@ -236,7 +274,9 @@ def test_early_stopping_needs_validation_for_val_metric() -> None:
 
 def test_checkpoint_dir_keeps_last_and_best(tmp_path: Path) -> None:
     t = trainer(lr=0.05)
-    history = t.fit(blobs(48), blobs(32, seed=3), epochs=5, batch_size=8, num_workers=0, checkpoint_dir=tmp_path)
+    history = t.fit(
+        blobs(48), blobs(32, seed=3), epochs=5, batch_size=8, num_workers=0, checkpoint_dir=tmp_path
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     best = torch.load(tmp_path / "best.pt", weights_only=True)
@@ -262,7 +302,10 @@ class NaNAt(Dataset):
 def test_nan_loss_stops_with_epoch_and_step_and_writes_no_nan_checkpoint(tmp_path: Path) -> None:
     t = trainer()
     loader = DataLoader(NaNAt(index=20), batch_size=8, shuffle=False)  # sample 20 is in step 3
-    with pytest.raises(FloatingPointError, match=r"fit: the loss became nan at epoch 1, step 3; training stopped before the optimizer applied it"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"fit: the loss became nan at epoch 1, step 3; training stopped before the optimizer applied it",
+    ):
         t.fit(loader, epochs=2, checkpoint_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
@@ -272,7 +315,10 @@ def test_save_checkpoint_refuses_nan_weights(tmp_path: Path) -> None:
     t = trainer()
     with torch.no_grad():
         t.model.classifier[0].weight[0, 0] = float("nan")
-    with pytest.raises(vt.CheckpointError, match=r"save_checkpoint: the model holds NaN or infinite values in 1 tensors \(first: classifier.0.weight\)"):
+    with pytest.raises(
+        vt.CheckpointError,
+        match=r"save_checkpoint: the model holds NaN or infinite values in 1 tensors \(first: classifier.0.weight\)",
+    ):
         t.save_checkpoint(tmp_path / "x.pt")
     assert list(tmp_path.iterdir()) == []
 
@@ -346,10 +392,15 @@ def test_history_json_round_trip_and_plot(tmp_path: Path) -> None:
         assert image.size == (1000, 400)
 
 
-def test_history_plot_without_matplotlib_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_history_plot_without_matplotlib_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     history = vt.History([{"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.7}])
-    with pytest.raises(ModuleNotFoundError, match=r'History.plot needs matplotlib, which is not installed; install it with: pip install "vggtransfer\[plots\]"'):
+    with pytest.raises(
+        ModuleNotFoundError,
+        match=r'History.plot needs matplotlib, which is not installed; install it with: pip install "vggtransfer\[plots\]"',
+    ):
         history.plot(tmp_path / "curves.png")
 
 
@@ -364,7 +415,10 @@ def test_trainer_unfreeze_adds_feature_group_at_lower_lr() -> None:
 
 
 def test_scheduler_factory_is_stepped_per_epoch() -> None:
-    t = trainer(lr=1e-3, scheduler=lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5))
+    t = trainer(
+        lr=1e-3,
+        scheduler=lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5),
+    )
     history = t.fit(blobs(), epochs=3, batch_size=16, num_workers=0)
     assert history["lr"] == pytest.approx([1e-3, 5e-4, 2.5e-4])
 

@@ -156,9 +156,10 @@ def fingerprint(state: Mapping[str, torch.Tensor], keys: set[str]) -> str:
     """SHA-256 over the names, shapes, dtypes and bytes of ``state[key]`` for ``keys``."""
     digest = hashlib.sha256()
     for key in sorted(keys):
-        tensor = state[key].detach().to("cpu").contiguous()
+        tensor = state[key].detach().to("cpu")
         digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        # reshape(-1): a 0-d tensor (num_batches_tracked) cannot be viewed as bytes
+        digest.update(tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

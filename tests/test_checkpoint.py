@@ -1,0 +1,431 @@
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import ResNet18_Weights
+
+import vggtransfer as vt
+from helpers import blobs, trainer, vgg, weights_equal
+from vggtransfer._checkpoint import atomic_save
+
+
+def _fit(t: vt.Trainer, epochs: int) -> None:
+    t.fit(blobs(48), blobs(16, seed=7), epochs=epochs, batch_size=8, num_workers=0)
+
+
+# ---------------------------------------------------------------------------- exact resume
+
+
+def test_resume_in_process_gives_bitwise_identical_weights(tmp_path: Path) -> None:
+    straight = trainer()
+    _fit(straight, 4)
+
+    first = trainer()
+    _fit(first, 2)
+    first.save_checkpoint(tmp_path / "ck.pt")
+    torch.manual_seed(999)  # the global RNG is somewhere else entirely now
+    resumed = trainer(seed=1)  # seed, like everything else, comes from the checkpoint
+    resumed.load_checkpoint(tmp_path / "ck.pt")
+    _fit(resumed, 4)
+
+    assert weights_equal(straight.model, resumed.model)
+    assert (
+        resumed.history == straight.history or resumed.history["train_loss"] == straight.history["train_loss"]
+    )
+    assert (
+        resumed.optimizer.state_dict()["state"][0]["step"]
+        == straight.optimizer.state_dict()["state"][0]["step"]
+    )
+
+
+def test_resume_across_unfreeze_in_process(tmp_path: Path) -> None:
+    def phases(t: vt.Trainer, stop_at: int) -> None:
+        _fit(t, min(2, stop_at))
+        if stop_at > 2:
+            if t.unfreeze_lr is None:
+                t.unfreeze_features(lr=1e-4)
+            _fit(t, stop_at)
+
+    straight = trainer()
+    phases(straight, 4)
+    first = trainer()
+    phases(first, 3)
+    first.save_checkpoint(tmp_path / "ck.pt")
+    resumed = trainer()  # built frozen, like the original; the checkpoint unfreezes it
+    resumed.load_checkpoint(tmp_path / "ck.pt")
+    assert resumed.unfreeze_lr == 1e-4 and len(resumed.optimizer.param_groups) == 2
+    _fit(resumed, 4)
+    assert weights_equal(straight.model, resumed.model)
+
+
+RESUME_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from helpers import blobs, trainer
+t = trainer()
+t.load_checkpoint({checkpoint!r})
+if t.unfreeze_lr is None and {unfreeze}:
+    raise SystemExit("checkpoint should have recorded the unfreeze")
+t.fit(blobs(48), blobs(16, seed=7), epochs=4, batch_size=8, num_workers=0)
+torch.save(t.model.state_dict(), {out!r})
+"""
+
+
+@pytest.mark.slow
+def test_resume_in_fresh_process_gives_bitwise_identical_weights(tmp_path: Path) -> None:
+    straight = trainer()
+    _fit(straight, 2)
+    straight.unfreeze_features(lr=1e-4)
+    _fit(straight, 4)
+
+    first = trainer()
+    _fit(first, 2)
+    first.unfreeze_features(lr=1e-4)
+    _fit(first, 3)
+    first.save_checkpoint(tmp_path / "ck.pt")
+
+    script = RESUME_SCRIPT.format(
+        tests=str(Path(__file__).parent),
+        checkpoint=str(tmp_path / "ck.pt"),
+        out=str(tmp_path / "final.pt"),
+        unfreeze=True,
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    expected = straight.model.state_dict()
+    assert final.keys() == expected.keys()
+    assert [k for k in expected if not torch.equal(expected[k], final[k])] == []
+
+
+# ---------------------------------------------------------------------------- atomic writes
+
+
+def _save_forever(path: str) -> None:
+    model = nn.Sequential(nn.Linear(1024, 2048), nn.Linear(2048, 2))  # ~8 MB per file
+    step = 0
+    while True:
+        step += 1
+        with torch.no_grad():
+            model[1].bias.fill_(step)
+        atomic_save({"format": "test", "step": step, "model": model.state_dict()}, path)
+
+
+def test_save_killed_at_random_moments_always_leaves_a_loadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "ck.pt"
+    context = multiprocessing.get_context("fork")
+    rng = random.Random(0)
+    steps = []
+    for _ in range(20):
+        process = context.Process(target=_save_forever, args=(str(path),))
+        process.start()
+        time.sleep(rng.uniform(0.05, 0.4))
+        os.kill(process.pid, signal.SIGKILL)
+        process.join()
+        if path.exists():
+            data = torch.load(path, weights_only=True)  # never torn
+            assert data["model"]["1.bias"][0] == data["step"]
+            steps.append(data["step"])
+    assert len(steps) >= 15 and max(steps) > 1
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "ck.pt"]
+    assert all(name.startswith(".ck.pt.") and name.endswith(".tmp") for name in leftovers)
+
+
+def test_failed_save_keeps_previous_file_and_removes_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "ck.pt"
+    atomic_save({"v": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle this")
+
+    with pytest.raises(RuntimeError, match="cannot pickle this"):
+        atomic_save({"v": 2, "bad": Unpicklable()}, path)
+    assert torch.load(path, weights_only=True) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+
+
+# ---------------------------------------------------------------------------- refusing bad files
+
+
+class Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "payload-ran"
+    t = trainer()
+    path = t.save_checkpoint(tmp_path / "ck.pt")
+    data = torch.load(path, weights_only=True)
+    data["class_names"] = Payload(marker)
+    torch.save(data, path)
+    expected = f"refusing to load checkpoint '{path}': it contains objects that only the full pickle loader can build"
+    with pytest.raises(vt.CheckpointError, match=expected):
+        trainer().load_checkpoint(path)
+    with pytest.raises(vt.CheckpointError, match=expected):
+        vt.load_model(path)
+    assert not marker.exists()
+
+
+def _tampered(tmp_path: Path, change) -> tuple[vt.Trainer, Path]:
+    t = trainer()
+    _fit(t, 1)
+    path = t.save_checkpoint(tmp_path / "ck.pt")
+    data = torch.load(path, weights_only=True)
+    change(data)
+    torch.save(data, path)
+    return trainer(), path
+
+
+def _drop_key(data: dict) -> None:
+    del data["model"]["classifier.0.bias"]
+
+
+def _nan(data: dict) -> None:
+    data["model"]["classifier.3.weight"][0, 0] = float("nan")
+
+
+def _version(data: dict) -> None:
+    data["format_version"] = 99
+
+
+def _three_classes(data: dict) -> None:
+    data["class_names"] = ["cool", "warm", "hot"]
+
+
+def _renamed_classes(data: dict) -> None:
+    data["class_names"] = ["dog", "cat"]
+
+
+def _other_arch(data: dict) -> None:
+    data["build"]["arch"] = "vgg16_bn"
+
+
+def _reshaped(data: dict) -> None:
+    data["model"]["classifier.3.weight"] = torch.zeros(3, 500)
+
+
+def _optimizer(data: dict) -> None:
+    data["trainer"]["optimizer"]["param_groups"][0]["params"] = [0, 1]
+
+
+TAMPERING = [
+    (_drop_key, r"does not fit this model; nothing was loaded:\n  1 missing keys \(e.g. classifier.0.bias\)"),
+    (_nan, r"holds NaN or infinite values in 1 tensors \(first: classifier.3.weight\)"),
+    (_version, "has format version 99, but this vggtransfer reads versions 1 to 1; upgrade vggtransfer"),
+    (_three_classes, r"has 3 classes \['cool', 'warm', 'hot'\] but this model has 2 outputs"),
+    (
+        _renamed_classes,
+        r"has classes \['dog', 'cat'\] but this Trainer has \['cool', 'warm'\]; predictions would be misnamed",
+    ),
+    (_other_arch, "was saved from a 'vgg16_bn' model but this model is a 'vgg11_bn'"),
+    (_reshaped, r"shape mismatch classifier.3.weight: model has \[2, 500\], file has \[3, 500\]"),
+    (
+        _optimizer,
+        r"holds optimizer state for parameter groups of sizes \[2\] but this Trainer's optimizer would have \[4\]",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), TAMPERING, ids=[c.__name__.strip("_") for c, _ in TAMPERING])
+def test_tampered_checkpoint_is_refused_and_nothing_changes(tmp_path: Path, change, message: str) -> None:
+    fresh, path = _tampered(tmp_path, change)
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    optimizer_before = fresh.optimizer.state_dict()
+    with pytest.raises(vt.CheckpointError, match=message):
+        fresh.load_checkpoint(path)
+    assert all(torch.equal(before[k], v) for k, v in fresh.model.state_dict().items())
+    assert fresh.optimizer.state_dict()["state"] == optimizer_before["state"] == {}
+    assert fresh.epoch == 0 and len(fresh.history) == 0
+
+
+def test_not_a_checkpoint_and_truncated_files(tmp_path: Path) -> None:
+    plain = tmp_path / "weights.pth"
+    torch.save(vgg().state_dict(), plain)
+    with pytest.raises(
+        vt.CheckpointError,
+        match=r"is not a vggtransfer checkpoint \(format None, expected 'vggtransfer.checkpoint'\); for a plain state dict use vt.create_model\(arch, weights=path\)",
+    ):
+        vt.load_model(plain)
+    path = trainer().save_checkpoint(tmp_path / "ck.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(
+        vt.CheckpointError,
+        match=f"cannot read checkpoint '{truncated}': .* The file is truncated or not a PyTorch file",
+    ):
+        trainer().load_checkpoint(truncated)
+    with pytest.raises(FileNotFoundError, match="checkpoint '.*nope.pt' does not exist"):
+        vt.load_model(tmp_path / "nope.pt")
+
+
+# ---------------------------------------------------------------------------- load_model, head-only
+
+
+def test_load_model_rebuilds_without_training_code(tmp_path: Path) -> None:
+    t = trainer(transform=vt.imagenet_transform(size=32))
+    _fit(t, 2)
+    path = t.save_checkpoint(tmp_path / "ck.pt")
+    model, class_names, transform = vt.load_model(path)
+    assert class_names == ["cool", "warm"]
+    assert transform == vt.imagenet_transform(size=32)
+    assert not model.training
+    assert weights_equal(model, t.model)
+    images = blobs(4, seed=11).tensors[0]
+    t.model.eval()
+    assert torch.equal(model(images), t.model(images))
+    # the frozen-is-frozen policy is rebuilt too
+    assert not any(p.requires_grad for p in model.features.parameters())
+
+
+def _pretrained_resnet(torch_home: Path) -> nn.Module:
+    """resnet18 'pretrained' from a random file placed in the temporary TORCH_HOME cache."""
+    path = vt.cached_weights_path(ResNet18_Weights.IMAGENET1K_V1)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(torchvision.models.resnet18().state_dict(), path)
+    model = vt.create_model("resnet18", progress=False)
+    return vt.replace_classifier(vt.freeze_features(model), 2)
+
+
+def test_head_only_checkpoint_is_small_and_rebuilds_backbone(tmp_path: Path, torch_home: Path) -> None:
+    t = vt.Trainer(
+        _pretrained_resnet(torch_home), device="cpu", progress=False, seed=0, class_names=["cool", "warm"]
+    )
+    t.fit(blobs(16, size=64), epochs=1, batch_size=8, num_workers=0)
+    full = t.save_checkpoint(tmp_path / "full.pt")
+    head = t.save_checkpoint(tmp_path / "head.pt", head_only=True)
+    deploy = t.save_checkpoint(tmp_path / "deploy.pt", head_only=True, training_state=False)
+    head_bytes = sum(p.numel() * p.element_size() for p in t.model.fc.parameters())
+    assert head_bytes < deploy.stat().st_size < head_bytes * 1.1
+    assert deploy.stat().st_size < head.stat().st_size < full.stat().st_size / 10  # Adam: 2 values per weight
+    assert set(torch.load(head, weights_only=True)["model"]) == {
+        "fc.0.weight",
+        "fc.0.bias",
+        "fc.3.weight",
+        "fc.3.bias",
+    }
+    with pytest.raises(
+        vt.CheckpointError, match="was saved for deployment \\(training_state=False\\): it has no optimizer"
+    ):
+        vt.Trainer(_pretrained_resnet(torch_home), device="cpu", progress=False).load_checkpoint(deploy)
+    assert weights_equal(vt.load_model(deploy).model, t.model)
+
+    model, names, _ = vt.load_model(head)
+    assert names == ["cool", "warm"] and weights_equal(model, t.model)
+
+    resumed = vt.Trainer(_pretrained_resnet(torch_home), device="cpu", progress=False, seed=5)
+    resumed.load_checkpoint(head)
+    assert weights_equal(resumed.model, t.model) and resumed.epoch == 1
+
+
+def test_head_only_refuses_other_backbone(tmp_path: Path, torch_home: Path) -> None:
+    t = vt.Trainer(_pretrained_resnet(torch_home), device="cpu", progress=False, seed=0)
+    head = t.save_checkpoint(tmp_path / "head.pt", head_only=True)
+    torch.save(
+        torchvision.models.resnet18().state_dict(), vt.cached_weights_path(ResNet18_Weights.IMAGENET1K_V1)
+    )
+    with pytest.raises(
+        vt.CheckpointError,
+        match=r"holds only a head trained on a specific backbone \(resnet18, weights ResNet18_Weights.IMAGENET1K_V1\), and this model's frozen backbone differs",
+    ):
+        vt.load_model(head)
+
+
+def test_head_only_needs_rebuildable_backbone(tmp_path: Path) -> None:
+    with pytest.raises(
+        vt.CheckpointError,
+        match="head_only=True needs a backbone that can be rebuilt from pretrained weights",
+    ):
+        trainer().save_checkpoint(tmp_path / "head.pt", head_only=True)
+    assert not (tmp_path / "head.pt").exists()
+
+
+# ---------------------------------------------------------------------------- portability
+
+
+def test_wrapped_models_save_without_prefixes_and_prefixed_files_load(tmp_path: Path) -> None:
+    inner = vgg()
+    t = vt.Trainer(nn.DataParallel(inner), device="cpu", progress=False, seed=0, class_names=["cool", "warm"])
+    path = t.save_checkpoint(tmp_path / "ck.pt")
+    keys = list(torch.load(path, weights_only=True)["model"])
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
+    data = torch.load(path, weights_only=True)
+    data["model"] = {f"module._orig_mod.{k}": v for k, v in data["model"].items()}
+    torch.save(data, path)
+    fresh = trainer()
+    fresh.load_checkpoint(path)
+    assert weights_equal(fresh.model, inner)
+
+
+def _save_with_cuda_tags(obj: object, path: Path) -> None:
+    """torch.save, but every storage is recorded as living on cuda:0, as on a GPU machine."""
+    registry = torch.serialization._package_registry
+    saved = list(registry)
+    torch.serialization.register_package(-1, lambda storage: "cuda:0", lambda storage, location: None)
+    try:
+        torch.save(obj, path)
+    finally:
+        registry[:] = saved
+
+
+def test_checkpoint_written_on_cuda_loads_on_cpu(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA to prove the point")
+    t = trainer()
+    _fit(t, 1)
+    path = t.save_checkpoint(tmp_path / "ck.pt")
+    data = torch.load(path, weights_only=True)
+    gpu_path = tmp_path / "from-gpu.pt"
+    _save_with_cuda_tags(data, gpu_path)
+    with pytest.raises(RuntimeError, match="Attempting to deserialize object on a CUDA device"):
+        torch.load(gpu_path, weights_only=True)  # proves the file really names CUDA storages
+    model, _, _ = vt.load_model(gpu_path)
+    assert weights_equal(model, t.model)
+    fresh = trainer()
+    fresh.load_checkpoint(gpu_path)
+    assert fresh.epoch == 1
+
+
+@pytest.mark.cuda
+def test_cuda_checkpoint_round_trip(tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
+    t = trainer(device="cuda")
+    _fit(t, 1)
+    path = t.save_checkpoint(tmp_path / "ck.pt")
+    assert all(v.device.type == "cpu" for v in torch.load(path, weights_only=True)["model"].values())
+    model, _, _ = vt.load_model(path, device="cpu")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_checkpoint_is_plain_data_readable_without_vggtransfer(tmp_path: Path) -> None:
+    path = trainer().save_checkpoint(tmp_path / "ck.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.modules["vggtransfer"] = None  # not importable: the file must not need it
+        data = torch.load({str(path)!r}, weights_only=True)
+        print(data["format"], data["format_version"], sorted(data["trainer"])[:3])
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.startswith("vggtransfer.checkpoint 1 ")
