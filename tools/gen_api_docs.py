@@ -40,8 +40,12 @@ def _section(name: str) -> str:
             ]
             for method_name, member in methods:
                 target = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
-                first = (inspect.getdoc(target) or "").split("\n\n")[0]
-                body += f"\n- `{method_name}`: {first}"
+                doc_text = inspect.getdoc(target) or ""
+                if isinstance(member, property) or "\n" not in doc_text:
+                    body += f"\n- `{method_name}`: {doc_text.split(chr(10) * 2)[0]}"
+                else:
+                    signature = f"{method_name}{inspect.signature(target)}"
+                    body += f"\n\n### `{name}.{method_name}`\n\n```python\n{signature}\n```\n\n{doc_text}\n"
             if methods:
                 body += "\n"
         return f"## `vt.{name}` ({kind})\n\n{body}"
@@ -68,6 +72,14 @@ ORDER = [
     "unnormalize",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "Trainer",
+    "EarlyStopping",
+    "History",
+    "Prediction",
+    "load_model",
+    "LoadedModel",
+    "CheckpointError",
+    "FORMAT_VERSION",
     "build_spec",
 ]
 

@@ -299,10 +299,14 @@ class Trainer:
                     break
         except KeyboardInterrupt:
             path = (folder or Path.cwd()) / "interrupted.pt"
-            self.save_checkpoint(path, interrupted=True)
-            self.progress.message(
-                f"interrupted: saved a checkpoint to {path}; resume with trainer.load_checkpoint(path)"
-            )
+            try:
+                self.save_checkpoint(path, interrupted=True)
+            except CheckpointError as exc:  # NaN weights: say so, but still stop as asked
+                self.progress.message(f"interrupted: no checkpoint written ({exc})")
+            else:
+                self.progress.message(
+                    f"interrupted: saved a checkpoint to {path}; resume with trainer.load_checkpoint(path)"
+                )
             raise
         if early_stopping and early_stopping.restore_best and self._best["state"] is not None:
             self._merge_into_model(self._best["state"])
@@ -506,7 +510,7 @@ class Trainer:
             )
         model_state = cpu_state_dict(network, skip=skip)
         check_finite(model_state, what="save_checkpoint: the model")
-        data = {
+        data: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "model": model_state,
@@ -528,7 +532,8 @@ class Trainer:
             },
         }
         if training_state:
-            data["trainer"].update(
+            trainer_state: dict[str, Any] = data["trainer"]
+            trainer_state.update(
                 optimizer=_to_cpu(self.optimizer.state_dict()),
                 scheduler=_to_cpu(self.scheduler.state_dict()) if self.scheduler is not None else None,
                 scaler=self.scaler.state_dict(),
@@ -755,6 +760,16 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
         CheckpointError: the file is unreadable, unsafe, of an unknown version, or its content
             does not fit the architecture it names.
         WeightsNotAvailableError: a head-only checkpoint's backbone weights cannot be found.
+
+    Example:
+        >>> import tempfile, vggtransfer as vt
+        >>> model = vt.replace_classifier(vt.create_model("resnet18", weights=None), 2)
+        >>> trainer = vt.Trainer(model, device="cpu", class_names=["cat", "dog"], progress=False)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = trainer.save_checkpoint(f"{folder}/pets.pt", training_state=False)
+        ...     model, class_names, transform = vt.load_model(path)
+        >>> class_names, model.fc[-1].out_features, model.training
+        (['cat', 'dog'], 2, False)
     """
     data = read_checkpoint(path)
     try:
