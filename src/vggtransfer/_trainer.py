@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ._checkpoint import (
     FORMAT,
@@ -139,6 +139,8 @@ class Trainer:
         self.global_step = 0
         self.history = History()
         self.unfreeze_lr: float | None = None
+        #: Plain data saved with every checkpoint and restored by load_checkpoint (e.g. a data split).
+        self.extra: dict[str, Any] = {}
         self._best: dict[str, Any] = {"value": None, "epoch": None, "wait": 0, "state": None}
 
     # ------------------------------------------------------------------ set-up helpers
@@ -459,7 +461,9 @@ class Trainer:
         return [str(i) for i in range(count)]
 
     def _adopt_class_names(self, data: Data) -> None:
-        dataset = data.dataset if isinstance(data, DataLoader) else data
+        dataset: Any = data.dataset if isinstance(data, DataLoader) else data
+        while isinstance(dataset, Subset):  # a split of a dataset keeps its classes
+            dataset = dataset.dataset
         found = getattr(dataset, "classes", None)
         if not isinstance(found, (list, tuple)) or not all(isinstance(c, str) for c in found):
             return
@@ -480,6 +484,7 @@ class Trainer:
         head_only: bool = False,
         training_state: bool = True,
         interrupted: bool = False,
+        extra: dict[str, Any] | None = None,
     ) -> Path:
         """Write everything needed to resume or to deploy into one file, atomically.
 
@@ -494,6 +499,8 @@ class Trainer:
                 ``False`` writes a deployment file for :func:`load_model`. With both options,
                 VGG16's file shrinks from about 530 MB to the head's 50 MB.
             interrupted: Mark the file as written mid-epoch (``fit`` does this on Ctrl-C).
+            extra: Your own plain data (str, int, float, bool, None, lists, dicts) to store
+                alongside, such as a data split; defaults to :attr:`extra`.
 
         Raises:
             CheckpointError: the weights hold NaN or infinity (nothing is written), or
@@ -519,6 +526,7 @@ class Trainer:
             "build": spec,
             "class_names": self.class_names,
             "transform": self.transform.to_dict() if isinstance(self.transform, ImageTransform) else None,
+            "extra": copy.deepcopy(extra if extra is not None else self.extra),
             "trainer": {
                 "epoch": self.epoch,
                 "global_step": self.global_step,
@@ -599,6 +607,7 @@ class Trainer:
             self.class_names = list(data["class_names"])
         if data.get("transform") is not None:
             self.transform = ImageTransform.from_dict(data["transform"])
+        self.extra = dict(data.get("extra") or {})
         restore_rng(trainer_state["rng"])
 
     def _merge_into_model(self, state: dict[str, torch.Tensor]) -> None:
