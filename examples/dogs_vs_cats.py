@@ -57,23 +57,46 @@ Or run without transfer learning (random weights, much lower accuracy): --weight
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", type=Path, help="labelled images, any layout; default: Oxford-IIIT Pet (downloaded)")
-    parser.add_argument("--test", type=Path, help="unlabelled images (Kaggle's test1/) to write OUT/submission.csv for")
-    parser.add_argument("--data-root", type=Path, default=Path("data"), help="where Oxford-IIIT Pet is downloaded and cached")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--data", type=Path, help="labelled images, any layout; default: Oxford-IIIT Pet (downloaded)"
+    )
+    parser.add_argument(
+        "--test", type=Path, help="unlabelled images (Kaggle's test1/) to write OUT/submission.csv for"
+    )
+    parser.add_argument(
+        "--data-root", type=Path, default=Path("data"), help="where Oxford-IIIT Pet is downloaded and cached"
+    )
     parser.add_argument("--arch", default="vgg16_bn", help="any torchvision classification model")
-    parser.add_argument("--weights", default="DEFAULT", help="DEFAULT, an enum name like IMAGENET1K_V1, none, or a .pth file")
-    parser.add_argument("--method", choices=["replace", "append"], default="replace", help="replace the classifier, or append a head after the 1000-class net")
+    parser.add_argument(
+        "--weights", default="DEFAULT", help="DEFAULT, an enum name like IMAGENET1K_V1, none, or a .pth file"
+    )
+    parser.add_argument(
+        "--method",
+        choices=["replace", "append"],
+        default="replace",
+        help="replace the classifier, or append a head after the 1000-class net",
+    )
     parser.add_argument("--epochs", type=int, default=3, help="epochs training the head with frozen features")
-    parser.add_argument("--fine-tune-epochs", type=int, default=0, help="then epochs training all layers at lr/10")
+    parser.add_argument(
+        "--fine-tune-epochs", type=int, default=0, help="then epochs training all layers at lr/10"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--image-size", type=int, default=224, help="crop size; images are resized to size*256/224 first")
-    parser.add_argument("--augment", action="store_true", help="random crops and flips for training (the recipe uses none)")
+    parser.add_argument(
+        "--image-size", type=int, default=224, help="crop size; images are resized to size*256/224 first"
+    )
+    parser.add_argument(
+        "--augment", action="store_true", help="random crops and flips for training (the recipe uses none)"
+    )
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    parser.add_argument("--workers", type=int, default=None, help="data loading processes (default: one per core but one)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="data loading processes (default: one per core but one)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/dogs_vs_cats"), help="output folder")
     return parser.parse_args(argv)
@@ -101,7 +124,9 @@ def dog_column(class_names: list[str]) -> int:
     for i, name in enumerate(class_names):
         if name.lower().startswith("dog"):
             return i
-    print(f"warning: no class named dog in {class_names}; submission.csv gets the probability of {class_names[-1]!r}")
+    print(
+        f"warning: no class named dog in {class_names}; submission.csv gets the probability of {class_names[-1]!r}"
+    )
     return len(class_names) - 1
 
 
@@ -143,14 +168,21 @@ def main(argv: list[str] | None = None) -> int:
     for bad in data.bad_files:
         print(f"  {bad.path}: {bad.reason}")
     if len(data.classes) < 2:
-        print(f"error: {args.data} has no labels (classes {data.classes}); pass it with --test instead", file=sys.stderr)
+        print(
+            f"error: {args.data} has no labels (classes {data.classes}); pass it with --test instead",
+            file=sys.stderr,
+        )
         return 2
 
     # 2. A stratified, seeded split; training images may be augmented, validation images never.
     split = stratified_split(data, args.val_fraction, seed=args.seed)
     eval_transform = vt.imagenet_transform(size=args.image_size)
-    train_transform = vt.imagenet_transform(train=True, size=args.image_size) if args.augment else eval_transform
-    train_set, val_set = split.subsets(data.with_transform(train_transform), data.with_transform(eval_transform))
+    train_transform = (
+        vt.imagenet_transform(train=True, size=args.image_size) if args.augment else eval_transform
+    )
+    train_set, val_set = split.subsets(
+        data.with_transform(train_transform), data.with_transform(eval_transform)
+    )
     train_eval_set, _ = split.subsets(data.with_transform(eval_transform))
     print(f"split: {len(train_set)} training, {len(val_set)} validation images (seed {args.seed})")
 
@@ -184,22 +216,42 @@ def main(argv: list[str] | None = None) -> int:
     train_metrics = trainer.evaluate(train_eval_set, batch_size=args.batch_size, num_workers=args.workers)
     val_metrics = trainer.evaluate(val_set, batch_size=args.batch_size, num_workers=args.workers)
     timings["evaluate_s"] = time.perf_counter() - started
-    print(f"train accuracy {train_metrics['accuracy']:.2%}, validation accuracy {val_metrics['accuracy']:.2%}")
+    print(
+        f"train accuracy {train_metrics['accuracy']:.2%}, validation accuracy {val_metrics['accuracy']:.2%}"
+    )
 
     # 4. Save, reload into a freshly built model, and check the reloaded model agrees.
     checkpoint = trainer.save_checkpoint(args.out / "checkpoint.pt")
     reloaded_model, class_names, transform = vt.load_model(checkpoint, device=trainer.device)
-    reloaded = vt.Trainer(reloaded_model, device=trainer.device, precision=args.precision, class_names=class_names, transform=transform, progress=False)
+    reloaded = vt.Trainer(
+        reloaded_model,
+        device=trainer.device,
+        precision=args.precision,
+        class_names=class_names,
+        transform=transform,
+        progress=False,
+    )
     reloaded_metrics = reloaded.evaluate(val_set, batch_size=args.batch_size, num_workers=args.workers)
     same = reloaded_metrics["accuracy"] == val_metrics["accuracy"]
-    print(f"reloaded {checkpoint}: validation accuracy {reloaded_metrics['accuracy']:.2%} ({'same' if same else 'DIFFERENT'})")
+    print(
+        f"reloaded {checkpoint}: validation accuracy {reloaded_metrics['accuracy']:.2%} ({'same' if same else 'DIFFERENT'})"
+    )
 
     # 5. Outputs.
     metrics = {
         "train": {"accuracy": train_metrics["accuracy"], "loss": train_metrics["loss"]},
-        "val": {"accuracy": val_metrics["accuracy"], "loss": val_metrics["loss"], "confusion_matrix": val_metrics["confusion_matrix"]},
+        "val": {
+            "accuracy": val_metrics["accuracy"],
+            "loss": val_metrics["loss"],
+            "confusion_matrix": val_metrics["confusion_matrix"],
+        },
         "reloaded_val_accuracy": reloaded_metrics["accuracy"],
-        "counts": {"images": len(data), "train": len(train_set), "val": len(val_set), "bad": len(data.bad_files)},
+        "counts": {
+            "images": len(data),
+            "train": len(train_set),
+            "val": len(val_set),
+            "bad": len(data.bad_files),
+        },
         "bad_files": [{"path": str(b.path), "reason": b.reason} for b in data.bad_files],
         "class_names": data.classes,
         "timings": timings,

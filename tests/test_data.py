@@ -29,7 +29,9 @@ def _write_variants(folder: Path, source: Path, prefix: str = "") -> tuple[set[s
         "palette-png.jpg": lambda p: rgb.quantize(32).save(p, format="PNG"),
         "rgba-png.jpg": lambda p: rgb.convert("RGBA").save(p, format="PNG"),
         "grey.jpg": lambda p: rgb.convert("L").save(p, format="JPEG"),
-        "sixteen.png": lambda p: Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257).save(p),
+        "sixteen.png": lambda p: Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257).save(
+            p
+        ),
         "gif.jpg": lambda p: rgb.save(p, format="GIF"),
         "rotated.jpg": lambda p: _exif_rotated(rgb, p),
     }
@@ -58,7 +60,11 @@ def _exif_rotated(rgb: Image.Image, path: Path) -> None:
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_scan_reports_exactly_the_bad_files_and_changes_nothing(pets_dir: Path, tmp_path: Path) -> None:
@@ -81,11 +87,15 @@ def test_scan_reports_exactly_the_bad_files_and_changes_nothing(pets_dir: Path, 
 
 
 def test_scan_missing_folder() -> None:
-    with pytest.raises(FileNotFoundError, match="scan_images: folder '/no/such/folder' does not exist or is not a folder"):
+    with pytest.raises(
+        FileNotFoundError, match="scan_images: folder '/no/such/folder' does not exist or is not a folder"
+    ):
         scan_images("/no/such/folder")
 
 
-def test_scan_warns_when_truncated_images_cannot_be_detected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_scan_warns_when_truncated_images_cannot_be_detected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     with pytest.warns(UserWarning, match="LOAD_TRUNCATED_IMAGES is True in this process"):
         scan_images(tmp_path)
@@ -128,7 +138,9 @@ def test_petimages_layout_serves_every_good_file_once(pets_dir: Path, tmp_path: 
     data = DogsVsCats(root)
     assert data.layout == "folders" and data.classes == ["cat", "dog"]
     assert len(data) == len(cat_good) + 3
-    assert {b.path.relative_to(root).as_posix() for b in data.bad_files} == {f"Cat/{n}" for n in cat_bad} | {"Dog/11702.jpg"}
+    assert {b.path.relative_to(root).as_posix() for b in data.bad_files} == {f"Cat/{n}" for n in cat_bad} | {
+        "Dog/11702.jpg"
+    }
     served = [data[i] for i in range(len(data))]
     assert all(image.mode == "RGB" for image, _ in served)
     assert sorted(label for _, label in served) == [0] * len(cat_good) + [1] * 3
@@ -163,7 +175,10 @@ def test_unlabelled_folder_yields_ids(pets_dir: Path, tmp_path: Path) -> None:
 def test_layout_errors(tmp_path: Path) -> None:
     (tmp_path / "kaggle" / "train").mkdir(parents=True)
     (tmp_path / "kaggle" / "test1").mkdir()
-    with pytest.raises(ValueError, match="looks like the extracted Kaggle archive .* pass '.*kaggle/train' for the labelled images"):
+    with pytest.raises(
+        ValueError,
+        match="looks like the extracted Kaggle archive .* pass '.*kaggle/train' for the labelled images",
+    ):
         DogsVsCats(tmp_path / "kaggle")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.jpg").write_bytes(b"")
@@ -180,7 +195,9 @@ def test_file_broken_after_scan_is_named_not_substituted(pets_dir: Path, tmp_pat
         shutil.copy(_photo(pets_dir, "cats", i), folder / f"cat.{i}.jpg")
     data = DogsVsCats(folder)
     (folder / "cat.1.jpg").write_bytes(b"")
-    with pytest.raises(RuntimeError, match="image '.*cat.1.jpg' could not be read although it passed the scan"):
+    with pytest.raises(
+        RuntimeError, match="image '.*cat.1.jpg' could not be read although it passed the scan"
+    ):
         data[1]
 
 
@@ -213,7 +230,11 @@ def test_split_can_be_saved_with_a_checkpoint(pets_dir: Path, tmp_path: Path) ->
     trainer.fit(torch.utils.data.Subset(train, range(8)), epochs=1, batch_size=4, num_workers=0)
     assert trainer.class_names == ["cats", "dogs"]  # found through the Subsets
     path = trainer.save_checkpoint(tmp_path / "ck.pt")
-    fresh = vt.Trainer(vt.replace_classifier(vt.freeze_features(vt.create_model("vgg11", weights=None)), 2), device="cpu", progress=False)
+    fresh = vt.Trainer(
+        vt.replace_classifier(vt.freeze_features(vt.create_model("vgg11", weights=None)), 2),
+        device="cpu",
+        progress=False,
+    )
     fresh.load_checkpoint(path)
     assert Split.from_dict(fresh.extra["split"]) == split
 
@@ -224,11 +245,15 @@ def _oxford_layout(pets_dir: Path, root: Path, per_species: int = 3) -> list[tup
     (base / "images").mkdir(parents=True)
     (base / "annotations").mkdir()
     rows = list(csv.DictReader((pets_dir / "classification.csv").open()))
-    chosen = [r for r in rows if r["species"] == "cat"][:per_species] + [r for r in rows if r["species"] == "dog"][:per_species]
+    chosen = [r for r in rows if r["species"] == "cat"][:per_species] + [
+        r for r in rows if r["species"] == "dog"
+    ][:per_species]
     lines = []
     for row in chosen:
         folder = "cats" if row["species"] == "cat" else "dogs"
-        shutil.copy(pets_dir / folder / f"{row['image_name']}.jpg", base / "images" / f"{row['image_name']}.jpg")
+        shutil.copy(
+            pets_dir / folder / f"{row['image_name']}.jpg", base / "images" / f"{row['image_name']}.jpg"
+        )
         lines.append(f"{row['image_name']} {row['class_id']} {1 if row['species'] == 'cat' else 2} 1")
     (base / "annotations" / "trainval.txt").write_text("\n".join(lines) + "\n")
     (base / "annotations" / "test.txt").write_text("")

@@ -45,8 +45,11 @@ def test_api_page_is_in_step_with_docstrings() -> None:
 
 
 def test_every_public_name_is_documented_in_api_page() -> None:
+    import vggtransfer.data
+
     page = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
     missing = [name for name in vt.__all__ if name != "__version__" and f"`vt.{name}`" not in page]
+    missing += [name for name in vggtransfer.data.__all__ if f"`vggtransfer.data.{name}`" not in page]
     assert missing == []
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import vggtransfer as vt
+import vggtransfer.data as vt_data
 
 API_PAGE = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
@@ -21,8 +22,8 @@ the code disagree. Everything here is importable as `import vggtransfer as vt; v
 """
 
 
-def _section(name: str) -> str:
-    obj = getattr(vt, name)
+def _section(name: str, module: object = vt, prefix: str = "vt.") -> str:
+    obj = getattr(module, name)
     if inspect.isclass(obj) or inspect.isfunction(obj):
         kind = "class" if inspect.isclass(obj) else "function"
         try:
@@ -48,8 +49,8 @@ def _section(name: str) -> str:
                     body += f"\n\n### `{name}.{method_name}`\n\n```python\n{signature}\n```\n\n{doc_text}\n"
             if methods:
                 body += "\n"
-        return f"## `vt.{name}` ({kind})\n\n{body}"
-    return f"## `vt.{name}`\n\n```python\n{name} = {obj!r}\n```\n"
+        return f"## `{prefix}{name}` ({kind})\n\n{body}"
+    return f"## `{prefix}{name}`\n\n```python\n{name} = {obj!r}\n```\n"
 
 
 # The order a reader meets them in; names not listed follow alphabetically, so none is left out.
@@ -87,7 +88,29 @@ ORDER = [
 def render() -> str:
     public = [name for name in vt.__all__ if name != "__version__"]
     names = [name for name in ORDER if name in public] + sorted(set(public) - set(ORDER))
-    return HEADER + "\n" + "\n".join(_section(name) for name in names)
+    data_names = sorted(
+        vt_data.__all__, key=lambda n: DATA_ORDER.index(n) if n in DATA_ORDER else len(DATA_ORDER)
+    )
+    data_part = "\n".join(_section(name, vt_data, "vggtransfer.data.") for name in data_names)
+    return HEADER + "\n" + "\n".join(_section(name) for name in names) + DATA_HEADER + data_part
+
+
+DATA_ORDER = [
+    "scan_images",
+    "ScanReport",
+    "BadFile",
+    "DogsVsCats",
+    "ImageList",
+    "oxford_pets",
+    "stratified_split",
+    "Split",
+]
+DATA_HEADER = """
+# `vggtransfer.data`
+
+Scanning image folders, dataset layouts and splits: `from vggtransfer.data import DogsVsCats`.
+
+"""
 
 
 def main(argv: list[str]) -> int:

@@ -85,6 +85,7 @@ class History:
 
             matplotlib.use("Agg")  # files only: works without a display
             import matplotlib.pyplot as plt
+            from matplotlib.ticker import MaxNLocator
         except ModuleNotFoundError:
             raise ModuleNotFoundError(
                 'History.plot needs matplotlib, which is not installed; install it with: pip install "vggtransfer[plots]"',
@@ -103,6 +104,7 @@ class History:
                     axis.plot(epochs, self[key], style, label=split)
             axis.set_title(title)
             axis.set_xlabel("epoch")
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
             axis.grid(alpha=0.3)
             axis.legend()
         figure.tight_layout()

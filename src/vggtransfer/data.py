@@ -15,6 +15,7 @@ Files are only ever read: nothing is modified, moved or deleted.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -153,7 +154,9 @@ def scan_images(
     bar = _progress_bar(len(paths), progress)
     report = ScanReport()
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        for path, reason in zip(paths, pool.map(lambda p: check_image(p, max_pixels=max_pixels), paths), strict=True):
+        for path, reason in zip(
+            paths, pool.map(lambda p: check_image(p, max_pixels=max_pixels), paths), strict=True
+        ):
             if reason is None:
                 report.good.append(path)
             else:
@@ -165,7 +168,9 @@ def scan_images(
     return report
 
 
-def _list_files(files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, recursive: bool = True) -> list[Path]:
+def _list_files(
+    files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, recursive: bool = True
+) -> list[Path]:
     if isinstance(files, (str, os.PathLike)):
         root = Path(files)
         if not root.is_dir():
@@ -292,7 +297,9 @@ class DogsVsCats(ImageList):
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"DogsVsCats: folder {str(self.root)!r} does not exist or is not a folder")
+            raise FileNotFoundError(
+                f"DogsVsCats: folder {str(self.root)!r} does not exist or is not a folder"
+            )
         folders = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         names = {p.name for p in folders}
         if {"train", "test1"} <= names:
@@ -302,7 +309,11 @@ class DogsVsCats(ImageList):
                 f"{str(self.root / 'test1')!r} for the unlabelled ones"
             )
         # Files beside class folders (a README, a CSV) belong to no class and are not scanned.
-        candidates = [f for folder in folders for f in _list_files(folder)] if folders else _list_files(self.root, recursive=False)
+        candidates = (
+            [f for folder in folders for f in _list_files(folder)]
+            if folders
+            else _list_files(self.root, recursive=False)
+        )
         report = scan_images(candidates, workers=workers, progress=progress)
         bad = list(report.bad)
         if folders:
@@ -318,7 +329,9 @@ class DogsVsCats(ImageList):
         super().__init__(samples, classes, transform=transform, bad_files=sorted(bad))
         self.layout = "folders" if folders else ("kaggle" if classes else "unlabelled")
 
-    def _class_folders(self, folders: list[Path], good: list[Path]) -> tuple[list[tuple[Path, int]], list[str]]:
+    def _class_folders(
+        self, folders: list[Path], good: list[Path]
+    ) -> tuple[list[tuple[Path, int]], list[str]]:
         # PetImages' Cat/ and Dog/ become the conventional lower-case names.
         petimages = {p.name for p in folders} == {"Cat", "Dog"}
         folder_class = {p.name: (p.name.lower() if petimages else p.name) for p in folders}
@@ -355,18 +368,34 @@ class Split:
     val_fraction: float
     files: tuple[str, ...] = ()
 
-    def subsets(self, train_data: Dataset[Any], val_data: Dataset[Any] | None = None) -> tuple[Subset[Any], Subset[Any]]:
+    def subsets(
+        self, train_data: Dataset[Any], val_data: Dataset[Any] | None = None
+    ) -> tuple[Subset[Any], Subset[Any]]:
         """Training and validation subsets (the second from ``val_data``, e.g. without augmentation)."""
-        return Subset(train_data, list(self.train)), Subset(val_data if val_data is not None else train_data, list(self.val))
+        return Subset(train_data, list(self.train)), Subset(
+            val_data if val_data is not None else train_data, list(self.val)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible data; :meth:`from_dict` reads it back."""
-        return {"train": list(self.train), "val": list(self.val), "seed": self.seed, "val_fraction": self.val_fraction, "files": list(self.files)}
+        return {
+            "train": list(self.train),
+            "val": list(self.val),
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "files": list(self.files),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Split:
         """Rebuild a split from :meth:`to_dict` output."""
-        return cls(tuple(data["train"]), tuple(data["val"]), int(data["seed"]), float(data["val_fraction"]), tuple(data.get("files", ())))
+        return cls(
+            tuple(data["train"]),
+            tuple(data["val"]),
+            int(data["seed"]),
+            float(data["val_fraction"]),
+            tuple(data.get("files", ())),
+        )
 
     def check(self, dataset: ImageList) -> None:
         """Raise ValueError if ``dataset`` no longer has the files this split was made for."""
@@ -378,11 +407,13 @@ class Split:
             )
 
 
-def stratified_split(dataset: ImageList | Sequence[int], val_fraction: float = 0.2, *, seed: int = 0) -> Split:
+def stratified_split(
+    dataset: ImageList | Sequence[int], val_fraction: float = 0.2, *, seed: int = 0
+) -> Split:
     """Split samples into training and validation, keeping each class's share, from a seed.
 
     The same dataset, fraction and seed always give the same split; each class contributes
-    ``round(val_fraction * class size)`` samples (at least one when it has two or more) to
+    ``val_fraction * class size`` samples, rounded half up, (at least one when it has two or more) to
     validation.
 
     Args:
@@ -407,7 +438,11 @@ def stratified_split(dataset: ImageList | Sequence[int], val_fraction: float = 0
         members = [i for i, value in enumerate(labels) if value == label]
         order = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
         # At least one sample of each class on both sides, whenever the class has two.
-        held = min(max(round(val_fraction * len(members)), 1), len(members) - 1) if len(members) > 1 else 0
+        held = (
+            min(max(math.floor(val_fraction * len(members) + 0.5), 1), len(members) - 1)
+            if len(members) > 1
+            else 0
+        )
         val += order[:held]
         train += order[held:]
     return Split(tuple(sorted(train)), tuple(sorted(val)), seed, val_fraction, files)
@@ -454,6 +489,8 @@ def oxford_pets(
     del pets  # its job was the download and the layout check
     report = scan_images([path for path, _ in samples if path.exists()], progress=progress)
     good = set(report.good)
-    missing = [BadFile(path, "listed in the annotations but missing") for path, _ in samples if not path.exists()]
+    missing = [
+        BadFile(path, "listed in the annotations but missing") for path, _ in samples if not path.exists()
+    ]
     kept = [(path, label) for path, label in samples if path in good]
     return ImageList(kept, ["cat", "dog"], transform=transform, bad_files=sorted(report.bad + missing))
