@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ from ._checkpoint import (
 )
 from ._device import PrecisionName, eval_mode, resolve_device, resolve_precision
 from ._early_stopping import EarlyStopping
+from ._features import FeatureSet, cache_key, cacheability, compute_features, default_cache_dir, open_features
 from ._freeze import unfreeze_features
 from ._heads import _locate
 from ._history import History
@@ -43,6 +44,7 @@ from ._models import rebuild_model
 from ._predict import PredictInput, Prediction, as_items, is_single, to_batch
 from ._progress import make_progress
 from ._rng import capture_rng, epoch_rng, restore_rng
+from ._sources import CachedSource, LoaderSource, make_loader
 from ._spec import build_spec
 from ._state_dict import state_dict_differences
 from ._transforms import ImageTransform, imagenet_transform
@@ -90,6 +92,15 @@ class Trainer:
             checkpoints record; defaults to :func:`imagenet_transform` for the model's weights.
         seed: Seeds shuffling and dropout; a random one is drawn (and checkpointed) when None.
         progress: Show a progress bar (tqdm, on a terminal) or one line per epoch.
+        cache_features: Compute the frozen backbone's output once and train the head on it
+            every epoch (about 10x faster for VGG16 with frozen features). ``"auto"`` does so
+            only when the result is the same as without caching: the part before the head is
+            frozen with BatchNorm and dropout frozen, the data is a Dataset, and its transform
+            is deterministic (an :func:`imagenet_transform` with ``train=False``, or tensors).
+            ``True`` also trusts other transforms to be deterministic; ``False`` never caches.
+        cache_dir: Where features too large for memory are kept as memory-mapped files, reused
+            by later runs with the same weights, transform and data; default
+            ``$VGGTRANSFER_CACHE`` or ``~/.cache/vggtransfer/features``.
 
     Example:
         >>> import torch, vggtransfer as vt
@@ -116,6 +127,8 @@ class Trainer:
         transform: ImageTransform | Callable[[Any], torch.Tensor] | None = None,
         seed: int | None = None,
         progress: bool = True,
+        cache_features: bool | Literal["auto"] = "auto",
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Trainer: expected model to be an nn.Module but got {type(model).__name__}")
@@ -139,6 +152,15 @@ class Trainer:
         self.global_step = 0
         self.history = History()
         self.unfreeze_lr: float | None = None
+        if cache_features not in ("auto", True, False):
+            raise ValueError(
+                f"Trainer: expected cache_features to be 'auto', True or False but got {cache_features!r}"
+            )
+        self.cache_features = cache_features
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        #: Whether the last ``fit`` trained on cached features, and why not if it did not.
+        self.cache_report: dict[str, str] = {}
+        self._feature_sets: dict[str, FeatureSet] = {}
         #: Plain data saved with every checkpoint and restored by load_checkpoint (e.g. a data split).
         self.extra: dict[str, Any] = {}
         self._best: dict[str, Any] = {"value": None, "epoch": None, "wait": 0, "state": None}
@@ -158,7 +180,12 @@ class Trainer:
                 "give it a new head with vt.replace_classifier(model, num_classes) or call "
                 "vt.unfreeze_features(model)"
             )
-        return torch.optim.Adam(params, lr=self.lr)
+        # The fused kernel updates all parameters in one pass: same arithmetic, about 4x less
+        # time than the per-tensor loop for VGG16's 12.5M-parameter head on a CPU.
+        try:
+            return torch.optim.Adam(params, lr=self.lr, fused=True)
+        except RuntimeError:  # a device or dtype without a fused kernel
+            return torch.optim.Adam(params, lr=self.lr)
 
     def _warn_if_optimizer_holds_frozen(self, optimizer: torch.optim.Optimizer) -> None:
         frozen = sum(1 for group in optimizer.param_groups for p in group["params"] if not p.requires_grad)
@@ -191,11 +218,25 @@ class Trainer:
             self.optimizer.add_param_group({"params": new, "lr": lr})
         self.unfreeze_lr = lr
 
-    def _loader(
-        self, data: Data, *, batch_size: int, shuffle: bool, num_workers: int | None, what: str
-    ) -> DataLoader[Any]:
+    def _source(
+        self,
+        data: Data,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        num_workers: int | None,
+        what: str,
+        compute_cache: bool = True,
+    ) -> LoaderSource | CachedSource:
+        """Batches for ``data``: from cached features when that gives the same result, else images."""
         if isinstance(data, DataLoader):
-            return data
+            if self.cache_features is True:
+                raise ValueError(
+                    f"{what}: cache_features=True needs a Dataset, but a DataLoader was given; "
+                    f"pass its dataset and batch_size instead"
+                )
+            self.cache_report[what] = "off: " + str(cacheability(self.network, data))
+            return LoaderSource(data, self.model, self.seed)
         if not isinstance(data, Dataset) or not hasattr(data, "__len__"):
             raise TypeError(
                 f"{what}: expected a torch Dataset (with __len__) or a DataLoader but got {type(data).__name__}"
@@ -203,20 +244,69 @@ class Trainer:
         if len(data) == 0:
             raise ValueError(f"{what}: the dataset is empty; expected at least one (image, label) sample")
         _check_sample(data[0], what)
-        if num_workers is None:
-            num_workers = min(8, max(0, (os.cpu_count() or 1) - 1))
-        # The generator is reseeded at the start of every epoch (see fit), which fixes both the
-        # shuffling order and the worker seeds drawn from it.
-        generator = torch.Generator()
-        generator.manual_seed(self.seed)
-        return DataLoader(
+        features = self._cached(data, batch_size, num_workers, what, compute_cache)
+        if features is not None:
+            head = _locate(self.network, "Trainer").module
+            return CachedSource(features, head, batch_size, shuffle, self.seed, self.device)
+        loader = make_loader(
             data,
             batch_size=batch_size,
             shuffle=shuffle,
             num_workers=num_workers,
+            seed=self.seed,
             pin_memory=self.device.type == "cuda",
-            generator=generator,
         )
+        return LoaderSource(loader, self.model, self.seed)
+
+    def _cached(
+        self, data: Dataset[Any], batch_size: int, num_workers: int | None, what: str, compute: bool
+    ) -> FeatureSet | None:
+        """The cached features of ``data``, computed now if allowed; None when caching is off."""
+        if self.cache_features is False:
+            self.cache_report[what] = "off: cache_features=False"
+            return None
+        reason = cacheability(self.network, data)
+        if reason is not None and self.cache_features is True and not reason.startswith(("the transform", "cannot tell")):
+            raise ValueError(f"{what}: cache_features=True, but {reason}; caching would change the results")
+        if reason is not None and self.cache_features == "auto":
+            self.cache_report[what] = f"off: {reason}"
+            return None
+        key = cache_key(self.network, data, self.precision.name)
+        if key is not None and key in self._feature_sets:
+            self.cache_report[what] = "on (reused)"
+            return self._feature_sets[key]
+        folder = self.cache_dir or default_cache_dir()
+        stored = open_features(folder / f"{key}.bin") if key is not None else None
+        if stored is None:
+            if not compute:
+                return None
+            started = time.perf_counter()
+            loader = make_loader(
+                data,
+                batch_size=batch_size,
+                shuffle=False,
+                num_workers=num_workers,
+                seed=self.seed,
+                pin_memory=self.device.type == "cuda",
+            )
+            self.progress.start_epoch(0, 0, len(loader), f"caching features for {what}")
+            stored = compute_features(
+                self.network,
+                loader,
+                device=self.device,
+                autocast=self.precision.autocast,
+                on_batch=lambda count: self.progress.step(None, count),
+                store=folder / f"{key or secrets.token_hex(16)}.bin",
+                budget_bytes=_memory_budget(self.device),
+            )
+            self.progress.message(
+                f"feature caching: {len(stored)} samples of {what} through the frozen backbone once "
+                f"({time.perf_counter() - started:.1f}s); training the head on them"
+            )
+        if key is not None:
+            self._feature_sets[key] = stored
+        self.cache_report[what] = "on"
+        return stored
 
     # ------------------------------------------------------------------ the loop
 
@@ -267,13 +357,13 @@ class Trainer:
                 f"fit: early stopping monitors {monitor!r} but no validation data was given; pass "
                 f"val=... or monitor a training metric, e.g. EarlyStopping(monitor='train_loss')"
             )
-        train_loader = self._loader(
+        train_source = self._source(
             train, batch_size=batch_size, shuffle=True, num_workers=num_workers, what="fit(train)"
         )
-        val_loader = (
+        val_source = (
             None
             if val is None
-            else self._loader(
+            else self._source(
                 val, batch_size=batch_size, shuffle=False, num_workers=num_workers, what="fit(val)"
             )
         )
@@ -282,7 +372,7 @@ class Trainer:
         folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
         try:
             while self.epoch < epochs:
-                record = self._run_epoch(train_loader, val_loader, self.epoch + 1, epochs)
+                record = self._run_epoch(train_source, val_source, self.epoch + 1, epochs)
                 improved = stopper.improves(record[monitor], self._best["value"])
                 self._update_best(record, monitor, improved, keep_weights=stopper.restore_best)
                 if folder is not None:
@@ -315,20 +405,22 @@ class Trainer:
         return self.history
 
     def _run_epoch(
-        self, train_loader: DataLoader[Any], val_loader: DataLoader[Any] | None, epoch: int, epochs: int
+        self,
+        train: LoaderSource | CachedSource,
+        val: LoaderSource | CachedSource | None,
+        epoch: int,
+        epochs: int,
     ) -> dict[str, float]:
         started = time.perf_counter()
         with epoch_rng(self.seed, epoch, self.device):
-            if train_loader.generator is not None:
-                train_loader.generator.manual_seed(self.seed + epoch)
-            train_metrics = self._train_one_epoch(train_loader, epoch, epochs)
+            train_metrics = self._train_one_epoch(train, epoch, epochs)
         record: dict[str, float] = {
             "epoch": epoch,
             "train_loss": train_metrics["loss"],
             "train_accuracy": train_metrics["accuracy"],
         }
-        if val_loader is not None:
-            val_metrics = self._evaluate_loader(val_loader, confusion=None)
+        if val is not None:
+            val_metrics = self._evaluate_source(val, confusion=None)
             record.update(val_loss=val_metrics["loss"], val_accuracy=val_metrics["accuracy"])
         record["lr"] = float(self.optimizer.param_groups[0]["lr"])
         if self.scheduler is not None:
@@ -342,15 +434,17 @@ class Trainer:
         self.progress.end_epoch(record)
         return record
 
-    def _train_one_epoch(self, loader: DataLoader[Any], epoch: int, epochs: int) -> dict[str, float]:
+    def _train_one_epoch(
+        self, source: LoaderSource | CachedSource, epoch: int, epochs: int
+    ) -> dict[str, float]:
         self.model.train()
         meter = RunningMean(self.device)
-        self.progress.start_epoch(epoch, epochs, _length(loader), "train")
-        for step, (inputs, targets) in enumerate(loader, start=1):
+        self.progress.start_epoch(epoch, epochs, source.steps, "train")
+        for step, (inputs, targets) in enumerate(source.batches(epoch), start=1):
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             with self.precision.autocast():
-                logits = self.model(inputs)
+                logits = source.forward(inputs)
                 loss = self.loss_fn(logits, targets)
             loss_value = float(loss.detach())  # one sync per step: the NaN check needs it anyway
             if not math.isfinite(loss_value):
@@ -381,16 +475,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def _evaluate_loader(
-        self, loader: DataLoader[Any], confusion: ConfusionMatrix | None
+    def _evaluate_source(
+        self, source: LoaderSource | CachedSource, confusion: ConfusionMatrix | None
     ) -> dict[str, float]:
         meter = RunningMean(self.device)
         with eval_mode(self.model), torch.no_grad():
-            for inputs, targets in loader:
+            for inputs, targets in source.batches(0):
                 inputs = inputs.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)
                 with self.precision.autocast():
-                    logits = self.model(inputs)
+                    logits = source.forward(inputs)
                     loss = self.loss_fn(logits, targets)
                 meter.update(loss, logits.float(), targets)
                 if confusion is not None:
@@ -406,12 +500,18 @@ class Trainer:
             ``i`` predicted as ``j``; ``per_class[name]`` has ``precision``, ``recall`` and
             ``support``.
         """
-        loader = self._loader(
-            data, batch_size=batch_size, shuffle=False, num_workers=num_workers, what="evaluate"
+        # Cached features are used when fit already computed them, never computed just for this.
+        source = self._source(
+            data,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            what="evaluate",
+            compute_cache=False,
         )
         names = self._names(_output_count(self.network))
         confusion = ConfusionMatrix(len(names), self.device)
-        metrics = self._evaluate_loader(loader, confusion)
+        metrics = self._evaluate_source(source, confusion)
         report = confusion.report(names)
         return {
             **metrics,
@@ -647,11 +747,16 @@ def _check_sample(sample: Any, what: str) -> None:
         )
 
 
-def _length(loader: DataLoader[Any]) -> int | None:
+def _memory_budget(device: torch.device) -> int:
+    """Bytes of features to keep in memory before using a memory-mapped file instead."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.3)
     try:
-        return len(loader)
-    except TypeError:
-        return None
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return min(8 << 30, int(total * 0.4))
 
 
 def _output_count(model: nn.Module) -> int:

@@ -1,0 +1,123 @@
+"""Where training batches come from: a DataLoader over images, or cached features.
+
+Both sources shuffle with :class:`EpochShuffle`, whose order depends only on the run's seed and
+the epoch, so training on cached features visits the samples in exactly the order that training
+on the images would, and a resumed run visits them as the uninterrupted run did.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ._features import FeatureSet
+
+__all__ = ["CachedSource", "EpochShuffle", "LoaderSource", "default_workers", "make_loader"]
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation of ``range(size)`` drawn from ``seed + epoch``: same epoch, same order."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order :meth:`__iter__` yields."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def default_workers() -> int:
+    """One loader process per core but one (the main process feeds the model), up to 8."""
+    return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+def make_loader(
+    data: Dataset[Any],
+    *,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int | None,
+    seed: int,
+    pin_memory: bool,
+) -> DataLoader[Any]:
+    """A DataLoader that shuffles with :class:`EpochShuffle` and seeds workers per epoch."""
+    workers = default_workers() if num_workers is None else num_workers
+    return DataLoader(
+        data,
+        batch_size=batch_size,
+        sampler=EpochShuffle(len(data), seed) if shuffle else None,  # type: ignore[arg-type]
+        num_workers=workers,
+        pin_memory=pin_memory,
+        # Worker seeds are drawn from this generator, reseeded every epoch.
+        generator=torch.Generator().manual_seed(seed),
+        # Workers that outlive an epoch would carry their random state into the next one and
+        # break exact resume; starting them is cheap next to an epoch of image decoding.
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+@dataclass
+class LoaderSource:
+    """Batches of images from a DataLoader, fed through the whole model."""
+
+    loader: DataLoader[Any]
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    seed: int
+    cached: bool = False
+
+    def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of ``epoch``, in that epoch's order."""
+        if isinstance(self.loader.sampler, EpochShuffle):
+            self.loader.sampler.set_epoch(epoch)
+        if self.loader.generator is not None:
+            self.loader.generator.manual_seed(self.seed + epoch)
+        return self.loader
+
+    @property
+    def steps(self) -> int | None:
+        """Batches per epoch, when known."""
+        try:
+            return len(self.loader)
+        except TypeError:
+            return None
+
+
+@dataclass
+class CachedSource:
+    """Batches of cached head inputs, fed through the head alone."""
+
+    features: FeatureSet
+    forward: nn.Module
+    batch_size: int
+    shuffle: bool
+    seed: int
+    device: torch.device
+    cached: bool = True
+
+    def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of ``epoch``, in the order :class:`EpochShuffle` gives the images."""
+        order = None
+        if self.shuffle:
+            sampler = EpochShuffle(len(self.features), self.seed)
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+        return self.features.batches(order, self.batch_size, self.device)
+
+    @property
+    def steps(self) -> int:
+        """Batches per epoch."""
+        return -(-len(self.features) // self.batch_size)
