@@ -357,7 +357,9 @@ def test_progress_lines_when_not_a_terminal(capsys: pytest.CaptureFixture[str]) 
     t = trainer(progress=True)
     t.fit(blobs(), blobs(16, seed=2), epochs=2, batch_size=16, num_workers=0)
     all_lines = capsys.readouterr().err.strip().splitlines()
-    assert all_lines[0].startswith("feature caching: 48 samples of fit(train) through the frozen backbone once")
+    assert all_lines[0].startswith(
+        "feature caching: 48 samples of fit(train) through the frozen backbone once"
+    )
     assert all_lines[1].startswith("feature caching: 16 samples of fit(val)")
     lines = all_lines[2:]
     assert len(lines) == 2

@@ -160,6 +160,7 @@ def compute_features(
     loader: DataLoader[Any],
     *,
     device: torch.device,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
     autocast: Callable[[], Any],
     on_batch: Callable[[int], None],
     store: Path,
@@ -186,7 +187,7 @@ def compute_features(
             for inputs, labels in loader:
                 captured.clear()
                 with autocast():
-                    model(inputs.to(device, non_blocking=True))
+                    model(prepare(inputs))
                 features = captured[0].float()
                 if not chunks and memmap is None and features[0].numel() * 4 * total > budget_bytes:
                     store.parent.mkdir(parents=True, exist_ok=True)

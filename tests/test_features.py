@@ -1,0 +1,209 @@
+"""Feature caching and the other fast paths give the results of the plain path."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import vggtransfer as vt
+from helpers import blobs, trainer, vgg
+from vggtransfer.data import DogsVsCats
+
+
+def _fit(t: vt.Trainer, epochs: int = 3) -> vt.History:
+    return t.fit(blobs(48), blobs(16, seed=7), epochs=epochs, batch_size=8, num_workers=0)
+
+
+def test_cached_training_matches_plain_training() -> None:
+    plain = trainer(cache_features=False)
+    cached = trainer(cache_features=True)
+    h_plain, h_cached = _fit(plain), _fit(cached)
+    assert plain.cache_report["fit(train)"] == "off: cache_features=False"
+    assert cached.cache_report == {"fit(train)": "on", "fit(val)": "on"}
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        assert h_cached[key] == pytest.approx(h_plain[key], rel=1e-5, abs=1e-6)
+    a, b = plain.model.state_dict(), cached.model.state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6) for k in a)
+
+
+def test_auto_caches_frozen_backbone_with_deterministic_data() -> None:
+    t = trainer()
+    _fit(t, 1)
+    assert t.cache_report == {"fit(train)": "on", "fit(val)": "on"}
+    _fit(t, 2)  # the next fit reuses the features
+    assert t.cache_report == {"fit(train)": "on (reused)", "fit(val)": "on (reused)"}
+    assert len(t._feature_sets) == 2
+
+
+def test_append_classifier_caches_the_whole_frozen_net() -> None:
+    model = vt.freeze_features(vt.append_classifier(vt.create_model("vgg11", weights=None), 2))
+    t = vt.Trainer(model, device="cpu", progress=False, seed=0)
+    _fit(t, 1)
+    assert t.cache_report["fit(train)"] == "on"
+    features = next(iter(t._feature_sets.values())).features
+    assert features.shape == (48, 1000)  # the net's logits are the head's input
+
+
+def test_auto_refuses_unfrozen_backbone() -> None:
+    t = trainer()
+    t.unfreeze_features()
+    _fit(t, 1)
+    assert (
+        t.cache_report["fit(train)"]
+        == "off: parameter 'features.0.weight' outside the head is trainable (features are not frozen)"
+    )
+
+
+def test_auto_refuses_trainable_batchnorm() -> None:
+    model = vt.replace_classifier(
+        vt.freeze_features(vt.create_model("vgg11_bn", weights=None), batchnorm="trainable"), 2
+    )
+    t = vt.Trainer(model, device="cpu", progress=False, seed=0)
+    _fit(t, 1)
+    assert t.cache_report["fit(train)"].startswith(
+        "off: parameter 'features.1.weight' outside the head is trainable"
+    )
+
+
+def test_auto_refuses_augmentation(pet_photos: list[Path], tmp_path: Path) -> None:
+    folder = tmp_path / "pets"
+    for i, photo in enumerate(pet_photos):
+        kind = "cats" if i < 3 else "dogs"
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, folder / kind / photo.name)
+    augmented = DogsVsCats(folder, transform=vt.imagenet_transform(train=True, size=32))
+    t = trainer(class_names=None)
+    t.fit(augmented, epochs=1, batch_size=3, num_workers=0)
+    assert t.cache_report["fit(train)"] == "off: the transform augments randomly (train=True)"
+    plain = augmented.with_transform(vt.imagenet_transform(size=32))
+    t.fit(plain, epochs=2, batch_size=3, num_workers=0)
+    assert t.cache_report["fit(train)"] == "on"
+
+
+def test_auto_refuses_dataloaders_and_unknown_transforms() -> None:
+    t = trainer()
+    t.fit(DataLoader(blobs(16), batch_size=8), epochs=1)
+    assert (
+        t.cache_report["fit(train)"]
+        == "off: a DataLoader was given (its order and batching are its own); pass the Dataset instead"
+    )
+
+
+def test_forced_caching_with_unfrozen_backbone_is_an_error() -> None:
+    t = trainer(cache_features=True)
+    t.unfreeze_features()
+    with pytest.raises(
+        ValueError,
+        match="fit\\(train\\): cache_features=True, but parameter 'features.0.weight' outside the head is trainable",
+    ):
+        _fit(t, 1)
+    with pytest.raises(ValueError, match="expected cache_features to be 'auto', True or False but got 'yes'"):
+        trainer(cache_features="yes")
+
+
+def test_cache_invalidated_when_weights_transform_or_data_change(
+    pet_photos: list[Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "pets"
+    for i, photo in enumerate(pet_photos):
+        kind = "cats" if i < 3 else "dogs"
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, folder / kind / photo.name)
+    data = DogsVsCats(folder, transform=vt.imagenet_transform(size=32))
+    t = trainer(class_names=None)
+    t.fit(data, epochs=1, batch_size=3, num_workers=0)
+    t.fit(data, epochs=2, batch_size=3, num_workers=0)
+    assert t.cache_report["fit(train)"] == "on (reused)"
+
+    # other preprocessing
+    t.fit(data.with_transform(vt.imagenet_transform(size=48)), epochs=3, batch_size=3, num_workers=0)
+    assert t.cache_report["fit(train)"] == "on"
+    # a file changed on disk (same name)
+    target = data.samples[0][0]
+    shutil.copy(pet_photos[-1], target)
+    changed = DogsVsCats(folder, transform=vt.imagenet_transform(size=32))
+    t.fit(changed, epochs=4, batch_size=3, num_workers=0)
+    assert t.cache_report["fit(train)"] == "on"
+    # other frozen weights
+    with torch.no_grad():
+        t.model.features[0].weight.mul_(1.5)
+    t.fit(changed, epochs=5, batch_size=3, num_workers=0)
+    assert t.cache_report["fit(train)"] == "on"
+    assert len(t._feature_sets) == 4
+
+
+def test_features_past_the_memory_budget_go_to_a_reusable_disk_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vggtransfer._trainer as trainer_module
+
+    monkeypatch.setattr(
+        trainer_module, "_memory_budget", lambda device: 1024
+    )  # bytes: everything is "too big"
+    plain = trainer(cache_features=False)
+    on_disk = trainer(cache_dir=tmp_path / "cache")
+    h_plain, h_disk = _fit(plain), _fit(on_disk)
+    assert h_disk["train_loss"] == pytest.approx(h_plain["train_loss"], rel=1e-5)
+    files = sorted(p.suffix for p in (tmp_path / "cache").iterdir())
+    assert files == [".bin", ".bin", ".json", ".json", ".pt", ".pt"]
+    again = trainer(cache_dir=tmp_path / "cache")  # a new run finds them
+    h_again = _fit(again)
+    assert again.cache_report == {"fit(train)": "on (from disk)", "fit(val)": "on (from disk)"}
+    assert h_again["train_loss"] == h_disk["train_loss"]
+
+
+def test_evaluate_uses_cached_features_only_when_present() -> None:
+    t = trainer()
+    val = blobs(16, seed=7)
+    t.fit(blobs(48), val, epochs=1, batch_size=8, num_workers=0)
+    cached = t.evaluate(val, batch_size=8, num_workers=0)
+    assert t.cache_report["evaluate"] == "on (reused)"
+    fresh = t.evaluate(blobs(16, seed=8), num_workers=0)
+    assert fresh["count"] == 16 and t.cache_report["evaluate"] == "off: features not cached by fit"
+    plain = vt.Trainer(t.model, device="cpu", progress=False, cache_features=False, class_names=t.class_names)
+    assert plain.evaluate(val, batch_size=8, num_workers=0)["loss"] == pytest.approx(cached["loss"], rel=1e-5)
+
+
+def test_bf16_autocast_agrees_with_fp32() -> None:
+    model = vgg()
+    images = blobs(8).tensors[0]
+    fp32 = vt.Trainer(model, device="cpu", precision="fp32", progress=False)
+    bf16 = vt.Trainer(model, device="cpu", precision="bf16", progress=False)
+    a = torch.stack([torch.tensor(list(p.probabilities.values())) for p in fp32.predict(images)])
+    b = torch.stack([torch.tensor(list(p.probabilities.values())) for p in bf16.predict(images)])
+    assert torch.allclose(a, b, atol=0.05)
+    assert not torch.equal(a, b)  # bf16 really ran
+
+
+def test_channels_last_agrees_with_default_layout() -> None:
+    images = blobs(8).tensors[0]
+    default = vt.Trainer(vgg(), device="cpu", channels_last=False, progress=False, seed=0)
+    nhwc = vt.Trainer(vgg(), device="cpu", channels_last=True, progress=False, seed=0)
+    assert nhwc.model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    a = [p.probabilities for p in default.predict(images)]
+    b = [p.probabilities for p in nhwc.predict(images)]
+    assert all(x == pytest.approx(y, abs=1e-5) for x, y in zip(a, b, strict=True))
+    h_default = default.fit(blobs(16), epochs=1, batch_size=8, num_workers=0)
+    h_nhwc = nhwc.fit(blobs(16), epochs=1, batch_size=8, num_workers=0)
+    assert h_nhwc["train_loss"] == pytest.approx(h_default["train_loss"], rel=1e-4)
+
+
+def test_fused_adam_is_the_default_and_matches_the_plain_loop() -> None:
+    t = trainer()
+    assert t.optimizer.defaults["fused"] is True
+    reference = vgg()
+    head = [p for p in reference.parameters() if p.requires_grad]
+    loop = vt.Trainer(
+        reference,
+        optimizer=torch.optim.Adam(head, lr=1e-3),
+        device="cpu",
+        progress=False,
+        seed=1234,
+        class_names=["cool", "warm"],
+    )
+    h_fused, h_loop = _fit(t, 2), _fit(loop, 2)
+    assert h_fused["train_loss"] == pytest.approx(h_loop["train_loss"], rel=1e-4)
