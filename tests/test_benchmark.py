@@ -1,0 +1,46 @@
+"""The benchmark script still runs (tiny sizes; the numbers themselves are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs_and_reports_every_phase(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = [
+        "--images",
+        "8",
+        "--size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--fine-tune-steps",
+        "1",
+        "--data",
+        str(tmp_path / "none"),
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "seed_vs_vggtransfer.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| speed-up of the frozen run |" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["vggtransfer"]["cached"].startswith("on")
+    assert set(data) >= {"seed", "vggtransfer", "fine_tune_seed", "fine_tune_vggtransfer", "machine"}
