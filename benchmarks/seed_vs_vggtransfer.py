@@ -55,6 +55,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None, help="loader processes (default: cores - 1)")
     parser.add_argument("--fine-tune-steps", type=int, default=3, help="steps timed for full fine-tuning")
+    parser.add_argument(
+        "--compile", action="store_true", help="vggtransfer: compile the feature pass (inductor freezing)"
+    )
     parser.add_argument("--data", type=Path, default=PETS, help="folder of photos (class sub-folders)")
     parser.add_argument("--out", type=Path, default=Path("benchmark.json"))
     return parser.parse_args()
@@ -139,7 +142,14 @@ def vggtransfer_recipe(
     """The same recipe through vt.Trainer: features cached once, fused Adam, bf16 + NHWC on GPUs."""
     torch.manual_seed(0)
     model = vt.freeze_features(build_model(device))
-    trainer = vt.Trainer(model, device=device, seed=0, progress=False, cache_dir=folder / "cache")
+    trainer = vt.Trainer(
+        model,
+        device=device,
+        seed=0,
+        progress=False,
+        cache_dir=folder / "cache",
+        compile_features=args.compile,
+    )
     reset_peak(device)
     sync(device)
     started = time.perf_counter()

@@ -207,3 +207,24 @@ def test_fused_adam_is_the_default_and_matches_the_plain_loop() -> None:
     )
     h_fused, h_loop = _fit(t, 2), _fit(loop, 2)
     assert h_fused["train_loss"] == pytest.approx(h_loop["train_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_feature_pass_matches_eager_and_follows_weight_changes() -> None:
+    eager = trainer(cache_features=True)
+    compiled = trainer(cache_features=True, compile_features=True)
+    data = blobs(16)
+    eager.fit(data, epochs=1, batch_size=8, num_workers=0)
+    compiled.fit(data, epochs=1, batch_size=8, num_workers=0)
+    (a,), (b,) = eager._feature_sets.values(), compiled._feature_sets.values()
+    assert torch.allclose(a.features, b.features, rtol=1e-4, atol=1e-5)
+    # BatchNorm is folded into the convolutions as constants: new weights must recompile.
+    for t in (eager, compiled):
+        with torch.no_grad():
+            t.model.features[1].running_mean.add_(0.5)
+        t.fit(data, epochs=2, batch_size=8, num_workers=0)
+    a2 = list(eager._feature_sets.values())[-1]  # recomputed for the new statistics
+    b2 = list(compiled._feature_sets.values())[-1]
+    assert len(compiled._feature_sets) == 2
+    assert not torch.allclose(a.features, a2.features)
+    assert torch.allclose(a2.features, b2.features, rtol=1e-4, atol=1e-5)
