@@ -13,6 +13,7 @@ Build a pretrained model, freeze its features, give it a new head::
 from importlib.metadata import PackageNotFoundError, version
 
 from ._checkpoint import FORMAT_VERSION, CheckpointError
+from ._distributed import is_main_process
 from ._early_stopping import EarlyStopping
 from ._freeze import BatchNormPolicy, feature_extractor, freeze_features, unfreeze_features
 from ._heads import HEAD_ATTRIBUTES, append_classifier, find_classifier, replace_classifier
@@ -53,6 +54,7 @@ __all__ = [
     "find_classifier",
     "freeze_features",
     "imagenet_transform",
+    "is_main_process",
     "load_model",
     "replace_classifier",
     "to_rgb",

@@ -7,25 +7,31 @@ on the images would, and a resumed run visits them as the uninterrupted run did.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ._features import FeatureSet
 
-__all__ = ["CachedSource", "EpochShuffle", "LoaderSource", "default_workers", "make_loader"]
+__all__ = ["CachedSource", "EpochShuffle", "LoaderSource", "default_workers", "make_loader", "shard"]
 
 
 class EpochShuffle(Sampler[int]):
-    """A permutation of ``range(size)`` drawn from ``seed + epoch``: same epoch, same order."""
+    """A permutation of ``range(size)`` drawn from ``seed + epoch``: same epoch, same order.
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
+    Under ``torchrun`` each of the ``world`` processes takes every ``world``-th position of the
+    same permutation (padded with its first items to a multiple of ``world``, so that all
+    processes run the same number of steps). Step k of the processes together then covers the
+    same samples as step k of one process with a ``world`` times larger batch.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.size, self.seed, self.rank, self.world, self.epoch = size, seed, rank, world, 0
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order :meth:`__iter__` yields."""
@@ -33,10 +39,19 @@ class EpochShuffle(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator)
+        if self.world > 1:
+            padding = (-self.size) % self.world
+            order = torch.cat([order, order[:padding]])[self.rank :: self.world]
+        return iter(order.tolist())
 
     def __len__(self) -> int:
-        return self.size
+        return -(-self.size // self.world)
+
+
+def shard(size: int, rank: int, world: int) -> list[int]:
+    """The share of ``range(size)`` that process ``rank`` evaluates: every ``world``-th item, unpadded."""
+    return list(range(rank, size, world))
 
 
 def default_workers() -> int:
@@ -52,13 +67,24 @@ def make_loader(
     num_workers: int | None,
     seed: int,
     pin_memory: bool,
+    rank: int = 0,
+    world: int = 1,
 ) -> DataLoader[Any]:
-    """A DataLoader that shuffles with :class:`EpochShuffle` and seeds workers per epoch."""
+    """A DataLoader that shuffles with :class:`EpochShuffle` and seeds workers per epoch.
+
+    Under ``torchrun`` (``world > 1``) it reads only process ``rank``'s share of ``data``.
+    """
     workers = default_workers() if num_workers is None else num_workers
+    size = len(data)  # type: ignore[arg-type]
+    sampler: Any = (
+        EpochShuffle(size, seed, rank, world)
+        if shuffle
+        else (shard(size, rank, world) if world > 1 else None)
+    )
     return DataLoader(
         data,
         batch_size=batch_size,
-        sampler=EpochShuffle(len(data), seed) if shuffle else None,  # type: ignore[arg-type]
+        sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
         # Worker seeds are drawn from this generator, reseeded every epoch.
@@ -101,23 +127,27 @@ class CachedSource:
     """Batches of cached head inputs, fed through the head alone."""
 
     features: FeatureSet
-    forward: nn.Module
+    forward: Callable[[torch.Tensor], torch.Tensor]
     batch_size: int
     shuffle: bool
     seed: int
     device: torch.device
+    rank: int = 0
+    world: int = 1
     cached: bool = True
 
     def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of ``epoch``, in the order :class:`EpochShuffle` gives the images."""
-        order = None
         if self.shuffle:
-            sampler = EpochShuffle(len(self.features), self.seed)
+            sampler = EpochShuffle(len(self.features), self.seed, self.rank, self.world)
             sampler.set_epoch(epoch)
-            order = list(sampler)
+            order: list[int] | None = list(sampler)
+        else:
+            order = shard(len(self.features), self.rank, self.world) if self.world > 1 else None
         return self.features.batches(order, self.batch_size, self.device)
 
     @property
     def steps(self) -> int:
-        """Batches per epoch."""
-        return -(-len(self.features) // self.batch_size)
+        """Batches per epoch (of this process)."""
+        per_process = math.ceil(len(self.features) / self.world)
+        return math.ceil(per_process / self.batch_size)

@@ -34,6 +34,7 @@ from ._checkpoint import (
     read_checkpoint,
 )
 from ._device import PrecisionName, eval_mode, resolve_device, resolve_precision
+from ._distributed import all_reduce_sum, barrier, broadcast_state, detect, gather_rows, join, rank_and_world
 from ._early_stopping import EarlyStopping
 from ._features import (
     FeatureSet,
@@ -148,11 +149,21 @@ class Trainer:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Trainer: expected model to be an nn.Module but got {type(model).__name__}")
+        launch = detect()
         self.device = resolve_device(device)
+        if launch is not None and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", launch.local_rank)  # one GPU per process
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if launch is not None:
+            join(launch, self.device)
+        self.rank, self.world_size = rank_and_world()
         self.precision = resolve_precision(precision, self.device)
         # channels_last (NHWC) is what tensor cores want for convolutions; on CPUs it rarely helps.
         self.channels_last = self.device.type == "cuda" if channels_last == "auto" else bool(channels_last)
         self.model = model.to(self.device)
+        # Every process starts from rank 0's weights, whatever its own initialisation was.
+        broadcast_state(unwrap(self.model))
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
@@ -169,7 +180,7 @@ class Trainer:
         self.class_names = list(class_names) if class_names is not None else None
         self.transform = transform if transform is not None else _default_transform(unwrap(model))
         self.seed = seed if seed is not None else secrets.randbits(62)
-        self.progress = make_progress(progress)
+        self.progress = make_progress(progress and self.rank == 0)  # rank 0 alone prints
         self.epoch = 0
         self.global_step = 0
         self.history = History()
@@ -274,6 +285,11 @@ class Trainer:
     ) -> LoaderSource | CachedSource:
         """Batches for ``data``: from cached features when that gives the same result, else images."""
         if isinstance(data, DataLoader):
+            if self.world_size > 1:
+                raise ValueError(
+                    f"{what}: under torchrun, pass a Dataset rather than a DataLoader, so that each of "
+                    f"the {self.world_size} processes can be given its own share of it"
+                )
             if self.cache_features is True:
                 raise ValueError(
                     f"{what}: cache_features=True needs a Dataset, but a DataLoader was given; "
@@ -291,7 +307,10 @@ class Trainer:
         features = self._cached(data, batch_size, num_workers, what, compute_cache)
         if features is not None:
             head = _locate(self.network, "Trainer").module
-            return CachedSource(features, head, batch_size, shuffle, self.seed, self.device)
+            forward = self._parallel(head) if shuffle else head
+            return CachedSource(
+                features, forward, batch_size, shuffle, self.seed, self.device, self.rank, self.world_size
+            )
         loader = make_loader(
             data,
             batch_size=batch_size,
@@ -299,8 +318,19 @@ class Trainer:
             num_workers=num_workers,
             seed=self.seed,
             pin_memory=self.device.type == "cuda",
+            rank=self.rank,
+            world=self.world_size,
         )
-        return LoaderSource(loader, self.model, self.seed)
+        return LoaderSource(loader, self._parallel(self.model) if shuffle else self.model, self.seed)
+
+    def _parallel(self, module: nn.Module) -> nn.Module:
+        """``module`` wrapped in DistributedDataParallel under torchrun, for training steps."""
+        if self.world_size == 1:
+            return module
+        # Built per fit, so that it covers exactly the parameters that train now (after an
+        # unfreeze, the features too); frozen parameters are left out by DDP itself.
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
     def _cached(
         self, data: Dataset[Any], batch_size: int, num_workers: int | None, what: str, compute: bool
@@ -331,6 +361,7 @@ class Trainer:
                 self.cache_report[what] = "off: features not cached by fit"
                 return None
             started = time.perf_counter()
+            # Under torchrun each process computes every world_size-th sample, then all share.
             loader = make_loader(
                 data,
                 batch_size=batch_size,
@@ -338,6 +369,8 @@ class Trainer:
                 num_workers=num_workers,
                 seed=self.seed,
                 pin_memory=self.device.type == "cuda",
+                rank=self.rank,
+                world=self.world_size,
             )
             self.progress.start_epoch(0, 0, len(loader), f"caching features for {what}")
             stored = compute_features(
@@ -348,8 +381,12 @@ class Trainer:
                 autocast=self.precision.autocast,
                 on_batch=lambda count: self.progress.step(None, count),
                 store=folder / f"{key or secrets.token_hex(16)}.bin",
-                budget_bytes=_memory_budget(self.device),
+                # Distributed shards are gathered in memory; the disk cache is single-process.
+                budget_bytes=_memory_budget(self.device) if self.world_size == 1 else 1 << 62,
             )
+            if self.world_size > 1:
+                total = len(data)  # type: ignore[arg-type]
+                stored = FeatureSet(gather_rows(stored.features, total), gather_rows(stored.targets, total))
             self.progress.message(
                 f"feature caching: {len(stored)} samples of {what} through the frozen backbone once "
                 f"({time.perf_counter() - started:.1f}s); training the head on them"
@@ -497,7 +534,9 @@ class Trainer:
             with self.precision.autocast():
                 logits = source.forward(inputs)
                 loss = self.loss_fn(logits, targets)
-            loss_value = float(loss.detach())  # one sync per step: the NaN check needs it anyway
+            # One sync per step: the NaN check needs it anyway. Under torchrun the check must agree
+            # on every process (a NaN on one alone would leave the others waiting in backward).
+            loss_value = float(all_reduce_sum(loss.detach().float().reshape(1).clone())[0]) / self.world_size
             if not math.isfinite(loss_value):
                 raise FloatingPointError(
                     f"fit: the loss became {loss_value} at epoch {epoch}, step {step}; training stopped "
@@ -512,7 +551,7 @@ class Trainer:
             self.global_step += 1
             meter.update(loss, logits.float(), targets)
             self.progress.step(loss_value, int(targets.shape[0]))
-        return RunningMean.summarise(meter.totals())
+        return RunningMean.summarise(all_reduce_sum(meter.totals()))
 
     def _update_best(
         self, record: dict[str, float], monitor: str, improved: bool, keep_weights: bool
@@ -540,7 +579,7 @@ class Trainer:
                 meter.update(loss, logits.float(), targets)
                 if confusion is not None:
                     confusion.update(logits.float(), targets)
-        return RunningMean.summarise(meter.totals())
+        return RunningMean.summarise(all_reduce_sum(meter.totals()))
 
     def evaluate(self, data: Data, *, batch_size: int = 32, num_workers: int | None = None) -> dict[str, Any]:
         """Loss, accuracy, confusion matrix and per-class precision/recall on ``data``.
@@ -563,6 +602,7 @@ class Trainer:
         names = self._names(_output_count(self.network))
         confusion = ConfusionMatrix(len(names), self.device)
         metrics = self._evaluate_source(source, confusion)
+        all_reduce_sum(confusion.counts)
         report = confusion.report(names)
         return {
             **metrics,
@@ -666,8 +706,13 @@ class Trainer:
                 "weights, but this model was not built by vt.create_model with weights; save a full "
                 "checkpoint (head_only=False)"
             )
+        # Checked by every process (they hold the same weights), so that all raise together.
+        check_finite(network.state_dict(), what="save_checkpoint: the model")
+        path = Path(path)
+        if self.rank != 0:  # under torchrun rank 0 alone writes; the others wait for it
+            barrier()
+            return path
         model_state = cpu_state_dict(network, skip=skip)
-        check_finite(model_state, what="save_checkpoint: the model")
         data: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -699,7 +744,9 @@ class Trainer:
                 best=_to_cpu(self._best),
                 rng=capture_rng(),
             )
-        return atomic_save(data, path)
+        atomic_save(data, path)
+        barrier()
+        return path
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Restore a checkpoint into this Trainer, to continue training exactly where it stopped.

@@ -1,0 +1,137 @@
+"""torch.distributed on CPU with Gloo: torchrun-launched processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vggtransfer as vt
+from helpers import blobs
+from vggtransfer._distributed import detect
+
+WORKER = Path(__file__).resolve().parent / "dist_worker.py"
+
+
+def _torchrun(out: Path, cache: str, epochs: int, batch: int, nproc: int = 2) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(WORKER),
+        str(out),
+        cache,
+        str(epochs),
+        str(batch),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((out / "result.json").read_text())
+
+
+def _single(cache: bool, epochs: int, batch: int) -> vt.Trainer:
+    sys.path.insert(0, str(WORKER.parent))
+    from dist_worker import build
+
+    trainer = vt.Trainer(
+        build(0), device="cpu", seed=0, progress=False, cache_features=cache, class_names=["cool", "warm"]
+    )
+    trainer.fit(blobs(32), blobs(12, seed=7), epochs=epochs, batch_size=batch, num_workers=0)
+    return trainer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", ["cache", "plain"])
+def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(
+    tmp_path: Path, cache: str
+) -> None:
+    result = _torchrun(tmp_path / "run", cache, epochs=2, batch=4)
+    single = _single(cache == "cache", epochs=2, batch=8)
+    assert result["world"] == 2
+    assert result["cache"]["fit(train)"] == ("on" if cache == "cache" else "off: cache_features=False")
+    distributed = torch.load(tmp_path / "run" / "final.pt", weights_only=True)
+    expected = single.network.state_dict()
+    assert distributed.keys() == expected.keys()
+    for key in expected:
+        assert torch.allclose(distributed[key].float(), expected[key].float(), rtol=1e-4, atol=1e-5), key
+    # every rank reported the same, all-reduced epoch numbers, equal to the single process's
+    for ours, theirs in zip(result["history"]["records"], single.history.records, strict=True):
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
+        assert ours["val_accuracy"] == pytest.approx(theirs["val_accuracy"])
+    assert result["evaluate"]["count"] == 12
+    # rank 0 alone wrote the checkpoints, once each, completely
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_resumes_in_one_process(tmp_path: Path) -> None:
+    _torchrun(tmp_path / "run", "cache", epochs=2, batch=4)
+    sys.path.insert(0, str(WORKER.parent))
+    from dist_worker import build
+
+    resumed = vt.Trainer(build(0), device="cpu", progress=False, class_names=["cool", "warm"])
+    resumed.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert resumed.epoch == 2 and resumed.world_size == 1
+    keys = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"].keys()
+    assert not any(k.startswith("module.") for k in keys)
+    resumed.fit(blobs(32), epochs=3, batch_size=8, num_workers=0)
+    assert resumed.epoch == 3
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        (
+            {"WORLD_SIZE": "2"},
+            r"looks like a distributed launch \(WORLD_SIZE=2\) but RANK, LOCAL_RANK are not set\. Launch with torchrun",
+        ),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "but MASTER_ADDR, MASTER_PORT are not set"),
+        (
+            {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_PORT": "29500"},
+            "but MASTER_ADDR is not set",
+        ),
+        (
+            {"RANK": "x", "WORLD_SIZE": "1", "LOCAL_RANK": "0"},
+            "expected RANK, WORLD_SIZE and LOCAL_RANK to be integers",
+        ),
+        (
+            {
+                "RANK": "3",
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": "0",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": "1",
+            },
+            "expected 0 <= RANK < WORLD_SIZE",
+        ),
+    ],
+)
+def test_half_configured_environment_is_explained(environ: dict, message: str) -> None:
+    with pytest.raises(RuntimeError, match=message):
+        detect(environ)
+
+
+def test_plain_process_and_single_rank_launch() -> None:
+    assert detect({}) is None
+    env = detect({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    assert env is not None and env.is_main and env.world_size == 1
+    assert vt.is_main_process()
+
+
+def test_trainer_refuses_half_configured_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="looks like a distributed launch"):
+        vt.Trainer(torch.nn.Sequential(torch.nn.Linear(2, 2)), device="cpu")
