@@ -21,7 +21,12 @@ What the script does, step by step:
 5. writes OUT/metrics.json, OUT/curves.png and, with --test, OUT/submission.csv (id,label with
    label = probability of dog, Kaggle's format).
 
-Every option has a default; run with --help to see them.
+Every option has a default; run with --help to see them. The script also runs unchanged on
+several processes, one per GPU (or on CPU cores with --device cpu):
+
+    torchrun --nproc_per_node=2 examples/dogs_vs_cats.py --data kaggle/train
+
+Each process trains on its share of every batch; the first one prints and writes the outputs.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed
 
 import vggtransfer as vt
 from vggtransfer.data import DogsVsCats, ImageList, oxford_pets, stratified_split
@@ -106,7 +112,7 @@ def load_data(args: argparse.Namespace) -> ImageList:
     """The labelled images: --data in any layout, or Oxford-IIIT Pet through torchvision."""
     if args.data is not None:
         return DogsVsCats(args.data)
-    print(f"No --data given: using the Oxford-IIIT Pet dataset (cat vs dog), cached under {args.data_root}/")
+    say(f"No --data given: using the Oxford-IIIT Pet dataset (cat vs dog), cached under {args.data_root}/")
     return oxford_pets(args.data_root, split="trainval", download=True)
 
 
@@ -151,9 +157,21 @@ def write_submission(trainer: vt.Trainer, test_dir: Path, path: Path, batch_size
     return len(rows)
 
 
+def say(*values: Any, **options: Any) -> None:
+    """print, in the first process only: under torchrun every process runs this script."""
+    if vt.is_main_process():
+        print(*values, **options)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        return run(parse_args(argv))
+    finally:
+        if torch.distributed.is_initialized():  # joined by the Trainer under torchrun
+            torch.distributed.destroy_process_group()
+
+
+def run(args: argparse.Namespace) -> int:
     timings: dict[str, float] = {}
 
     # 1. Data: scan every file once; broken ones become a report, not a crash.
@@ -161,14 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = load_data(args)
     except (RuntimeError, OSError, urllib.error.URLError) as exc:
-        print(GET_DATA.format(reason=exc, data_root=args.data_root), file=sys.stderr)
+        say(GET_DATA.format(reason=exc, data_root=args.data_root), file=sys.stderr)
         return 2
     timings["scan_s"] = time.perf_counter() - started
-    print(f"{len(data)} images in classes {data.classes}; {len(data.bad_files)} files skipped:")
+    say(f"{len(data)} images in classes {data.classes}; {len(data.bad_files)} files skipped:")
     for bad in data.bad_files:
-        print(f"  {bad.path}: {bad.reason}")
+        say(f"  {bad.path}: {bad.reason}")
     if len(data.classes) < 2:
-        print(
+        say(
             f"error: {args.data} has no labels (classes {data.classes}); pass it with --test instead",
             file=sys.stderr,
         )
@@ -184,13 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         data.with_transform(train_transform), data.with_transform(eval_transform)
     )
     train_eval_set, _ = split.subsets(data.with_transform(eval_transform))
-    print(f"split: {len(train_set)} training, {len(val_set)} validation images (seed {args.seed})")
+    say(f"split: {len(train_set)} training, {len(val_set)} validation images (seed {args.seed})")
 
     # 3. Model and training.
     try:
         model = build_model(args)
     except vt.WeightsNotAvailableError as exc:
-        print(GET_WEIGHTS.format(error=exc), file=sys.stderr)
+        say(GET_WEIGHTS.format(error=exc), file=sys.stderr)
         return 2
     trainer = vt.Trainer(
         model,
@@ -202,12 +220,15 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     trainer.extra["split"] = split.to_dict()
-    print(f"training {args.arch} ({args.method}) on {trainer.device}, precision {trainer.precision.name}")
+    processes = f", {trainer.world_size} processes" if trainer.world_size > 1 else ""
+    say(
+        f"training {args.arch} ({args.method}) on {trainer.device}{processes}, precision {trainer.precision.name}"
+    )
     started = time.perf_counter()
     fit_options: dict[str, Any] = {"batch_size": args.batch_size, "num_workers": args.workers}
     trainer.fit(train_set, val_set, epochs=args.epochs, **fit_options)
     if args.fine_tune_epochs > 0:
-        print(f"fine-tuning all layers at lr {args.lr / 10:g}")
+        say(f"fine-tuning all layers at lr {args.lr / 10:g}")
         trainer.unfreeze_features(lr=args.lr / 10)
         trainer.fit(train_set, val_set, epochs=args.epochs + args.fine_tune_epochs, **fit_options)
     timings["train_s"] = time.perf_counter() - started
@@ -216,9 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     train_metrics = trainer.evaluate(train_eval_set, batch_size=args.batch_size, num_workers=args.workers)
     val_metrics = trainer.evaluate(val_set, batch_size=args.batch_size, num_workers=args.workers)
     timings["evaluate_s"] = time.perf_counter() - started
-    print(
-        f"train accuracy {train_metrics['accuracy']:.2%}, validation accuracy {val_metrics['accuracy']:.2%}"
-    )
+    say(f"train accuracy {train_metrics['accuracy']:.2%}, validation accuracy {val_metrics['accuracy']:.2%}")
 
     # 4. Save, reload into a freshly built model, and check the reloaded model agrees.
     checkpoint = trainer.save_checkpoint(args.out / "checkpoint.pt")
@@ -233,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     reloaded_metrics = reloaded.evaluate(val_set, batch_size=args.batch_size, num_workers=args.workers)
     same = reloaded_metrics["accuracy"] == val_metrics["accuracy"]
-    print(
+    say(
         f"reloaded {checkpoint}: validation accuracy {reloaded_metrics['accuracy']:.2%} ({'same' if same else 'DIFFERENT'})"
     )
 
@@ -258,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         "history": trainer.history.to_dict()["records"],
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
+    if vt.is_main_process():  # one process writes the files
+        write_outputs(args, trainer, metrics)
+    return 0 if same else 1
+
+
+def write_outputs(args: argparse.Namespace, trainer: vt.Trainer, metrics: dict[str, Any]) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.test is not None:
         count = write_submission(trainer, args.test, args.out / "submission.csv", args.batch_size)
         print(f"wrote {args.out / 'submission.csv'} ({count} rows)")
@@ -267,7 +293,6 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         print(f"skipped curves.png: {exc}")
     print(f"wrote {args.out / 'metrics.json'}, {args.out / 'curves.png'}")
-    return 0 if same else 1
 
 
 if __name__ == "__main__":

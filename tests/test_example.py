@@ -181,3 +181,42 @@ def test_example_offline_weights_explains_how_to_provide_them(
         "Cannot load the pretrained weights:\ncould not download the pretrained weights VGG11_Weights.IMAGENET1K_V1"
     )
     assert "copy the file to the cache file path above" in err and err.rstrip().endswith("--weights none")
+
+
+@pytest.mark.slow
+def test_example_runs_unchanged_under_torchrun(pets_dir: Path, tmp_path: Path) -> None:
+    import os
+
+    train, test = _kaggle(pets_dir, tmp_path / "kaggle", n=6)
+    out = tmp_path / "out"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(EXAMPLE),
+        "--data",
+        str(train),
+        "--test",
+        str(test),
+        "--out",
+        str(out),
+        *SMALL,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("training vgg11 (replace) on cpu, 2 processes") == 1  # rank 0 alone prints
+    assert result.stdout.count("(same)") == 1
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt",
+        "curves.png",
+        "metrics.json",
+        "submission.csv",
+    ]
+    assert json.loads((out / "metrics.json").read_text())["counts"]["bad"] == 3

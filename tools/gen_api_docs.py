@@ -82,6 +82,7 @@ ORDER = [
     "CheckpointError",
     "FORMAT_VERSION",
     "build_spec",
+    "is_main_process",
 ]
 
 
