@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def build(seed: int) -> torch.nn.Module:
 
 def main() -> None:
     out, cache, epochs, batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    rank_seed = int(__import__("os").environ.get("RANK", "0"))  # different init per rank: rank 0's must win
+    rank_seed = int(os.environ.get("RANK", "0"))  # a different init per rank: rank 0's must win
     trainer = vt.Trainer(
         build(rank_seed),
         device="cpu",
@@ -31,6 +32,8 @@ def main() -> None:
         cache_features={"cache": True, "plain": False}[cache],
         class_names=["cool", "warm"],
     )
+    if len(sys.argv) > 5:  # resume from a checkpoint first (e.g. one written by a single process)
+        trainer.load_checkpoint(sys.argv[5])
     trainer.fit(
         blobs(32),
         blobs(12, seed=7),

@@ -18,7 +18,9 @@ from vggtransfer._distributed import detect
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 
 
-def _torchrun(out: Path, cache: str, epochs: int, batch: int, nproc: int = 2) -> dict:
+def _torchrun(
+    out: Path, cache: str, epochs: int, batch: int, nproc: int = 2, resume: Path | None = None
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     env = {
         k: v
@@ -36,6 +38,7 @@ def _torchrun(out: Path, cache: str, epochs: int, batch: int, nproc: int = 2) ->
         cache,
         str(epochs),
         str(batch),
+        *([str(resume)] if resume else []),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -89,6 +92,19 @@ def test_two_process_checkpoint_resumes_in_one_process(tmp_path: Path) -> None:
     assert not any(k.startswith("module.") for k in keys)
     resumed.fit(blobs(32), epochs=3, batch_size=8, num_workers=0)
     assert resumed.epoch == 3
+
+
+@pytest.mark.slow
+def test_single_process_checkpoint_resumes_on_two_processes(tmp_path: Path) -> None:
+    single = _single(True, epochs=1, batch=8)
+    path = single.save_checkpoint(tmp_path / "one.pt")
+    result = _torchrun(tmp_path / "run", "cache", epochs=2, batch=4, resume=path)
+    assert [r["epoch"] for r in result["history"]["records"]] == [1, 2]
+    assert result["history"]["records"][0] == single.history.records[0]  # restored, not retrained
+    straight = _single(True, epochs=2, batch=8)
+    assert result["history"]["records"][1]["train_loss"] == pytest.approx(
+        straight.history.records[1]["train_loss"], rel=1e-4
+    )
 
 
 @pytest.mark.parametrize(
