@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import pytest
 import torch
 
 import vggtransfer as vt
-from helpers import blobs
+from helpers import blobs, torchrun
 from vggtransfer._distributed import detect
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
@@ -22,25 +20,8 @@ def _torchrun(
     out: Path, cache: str, epochs: int, batch: int, nproc: int = 2, resume: Path | None = None
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        str(WORKER),
-        str(out),
-        cache,
-        str(epochs),
-        str(batch),
-        *([str(resume)] if resume else []),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    extra = [str(resume)] if resume else []
+    result = torchrun(str(WORKER), str(out), cache, str(epochs), str(batch), *extra, nproc=nproc)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((out / "result.json").read_text())
 

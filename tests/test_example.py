@@ -185,31 +185,11 @@ def test_example_offline_weights_explains_how_to_provide_them(
 
 @pytest.mark.slow
 def test_example_runs_unchanged_under_torchrun(pets_dir: Path, tmp_path: Path) -> None:
-    import os
+    from helpers import torchrun
 
     train, test = _kaggle(pets_dir, tmp_path / "kaggle", n=6)
     out = tmp_path / "out"
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(EXAMPLE),
-        "--data",
-        str(train),
-        "--test",
-        str(test),
-        "--out",
-        str(out),
-        *SMALL,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    result = torchrun(str(EXAMPLE), "--data", str(train), "--test", str(test), "--out", str(out), *SMALL)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("training vgg11 (replace) on cpu, 2 processes") == 1  # rank 0 alone prints
     assert result.stdout.count("(same)") == 1

@@ -88,8 +88,17 @@ class Bar:
     def start_epoch(self, epoch: int, epochs: int, steps: int | None, phase: str) -> None:
         self.epochs = epochs
         self.loss_sum, self.seen, self.started = 0.0, 0, time.perf_counter()
+        description = f"{phase} {epoch}/{epochs}" if epochs else phase
+        # Redraw on every step: an epoch on cached features can last less than tqdm's default
+        # 0.1 s refresh interval, and would otherwise never show its loss and throughput.
         self.bar = self.tqdm(
-            total=steps, desc=f"{phase} {epoch}/{epochs}", file=self.stream, leave=False, dynamic_ncols=True
+            total=steps,
+            desc=description,
+            file=self.stream,
+            leave=False,
+            dynamic_ncols=True,
+            mininterval=0,
+            miniters=1,
         )
 
     def step(self, loss: float | None, samples: int) -> None:
@@ -99,7 +108,7 @@ class Bar:
             self.loss_sum += loss * samples
             postfix["loss"] = f"{self.loss_sum / self.seen:.4f}"
         self.bar.set_postfix(postfix, refresh=False)
-        self.bar.update(1)
+        self.bar.update(1)  # redraws, with the postfix
 
     def end_epoch(self, record: dict[str, float]) -> None:
         if self.bar is not None:

@@ -311,7 +311,14 @@ class Trainer:
             return CachedSource(
                 features, forward, batch_size, shuffle, self.seed, self.device, self.rank, self.world_size
             )
-        loader = make_loader(
+        loader = self._make_loader(data, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers)
+        return LoaderSource(loader, self._parallel(self.model) if shuffle else self.model, self.seed)
+
+    def _make_loader(
+        self, data: Dataset[Any], *, batch_size: int, shuffle: bool, num_workers: int | None
+    ) -> DataLoader[Any]:
+        """A loader over this process's share of ``data``, shuffled from the run's seed."""
+        return make_loader(
             data,
             batch_size=batch_size,
             shuffle=shuffle,
@@ -321,7 +328,6 @@ class Trainer:
             rank=self.rank,
             world=self.world_size,
         )
-        return LoaderSource(loader, self._parallel(self.model) if shuffle else self.model, self.seed)
 
     def _parallel(self, module: nn.Module) -> nn.Module:
         """``module`` wrapped in DistributedDataParallel under torchrun, for training steps."""
@@ -362,16 +368,7 @@ class Trainer:
                 return None
             started = time.perf_counter()
             # Under torchrun each process computes every world_size-th sample, then all share.
-            loader = make_loader(
-                data,
-                batch_size=batch_size,
-                shuffle=False,
-                num_workers=num_workers,
-                seed=self.seed,
-                pin_memory=self.device.type == "cuda",
-                rank=self.rank,
-                world=self.world_size,
-            )
+            loader = self._make_loader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
             self.progress.start_epoch(0, 0, len(loader), f"caching features for {what}")
             stored = compute_features(
                 self._feature_network(),
