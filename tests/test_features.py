@@ -228,3 +228,32 @@ def test_compiled_feature_pass_matches_eager_and_follows_weight_changes() -> Non
     assert len(compiled._feature_sets) == 2
     assert not torch.allclose(a.features, a2.features)
     assert torch.allclose(a2.features, b2.features, rtol=1e-4, atol=1e-5)
+
+
+def test_torchvision_imagefolder_with_deterministic_transform_is_cached(
+    pet_photos: list[Path], tmp_path: Path
+) -> None:
+    from torchvision.datasets import ImageFolder
+
+    folder = tmp_path / "pets"
+    for i, photo in enumerate(pet_photos):
+        kind = "cats" if i < 3 else "dogs"
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, folder / kind / photo.name)
+    t = trainer(class_names=None)
+    t.fit(
+        ImageFolder(str(folder), transform=vt.imagenet_transform(size=32)),
+        epochs=1,
+        batch_size=3,
+        num_workers=0,
+    )
+    assert t.cache_report["fit(train)"] == "on" and t.class_names == ["cats", "dogs"]
+    t.fit(
+        ImageFolder(str(folder), transform=lambda image: vt.imagenet_transform(size=32)(image)),
+        epochs=2,
+        batch_size=3,
+        num_workers=0,
+    )
+    assert t.cache_report["fit(train)"].startswith(
+        "off: the transform function is not a vggtransfer ImageTransform"
+    )
