@@ -37,16 +37,31 @@ def _single(cache: bool, epochs: int, batch: int) -> vt.Trainer:
     return trainer
 
 
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory: pytest.TempPathFactory):
+    """The 2-process training run of each mode, launched once for all the tests that read it."""
+    done: dict[str, Path] = {}
+
+    def run(mode: str) -> Path:
+        if mode not in done:
+            done[mode] = tmp_path_factory.mktemp(f"two-process-{mode}")
+            _torchrun(done[mode], mode, epochs=2, batch=4)
+        return done[mode]
+
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cache", ["cache", "plain"])
 def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(
-    tmp_path: Path, cache: str
+    two_process_run, cache: str
 ) -> None:
-    result = _torchrun(tmp_path / "run", cache, epochs=2, batch=4)
+    out = two_process_run(cache)
+    result = json.loads((out / "result.json").read_text())
     single = _single(cache == "cache", epochs=2, batch=8)
     assert result["world"] == 2
     assert result["cache"]["fit(train)"] == ("on" if cache == "cache" else "off: cache_features=False")
-    distributed = torch.load(tmp_path / "run" / "final.pt", weights_only=True)
+    distributed = torch.load(out / "final.pt", weights_only=True)
     expected = single.network.state_dict()
     assert distributed.keys() == expected.keys()
     for key in expected:
@@ -57,19 +72,19 @@ def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(
         assert ours["val_accuracy"] == pytest.approx(theirs["val_accuracy"])
     assert result["evaluate"]["count"] == 12
     # rank 0 alone wrote the checkpoints, once each, completely
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
 
 
 @pytest.mark.slow
-def test_two_process_checkpoint_resumes_in_one_process(tmp_path: Path) -> None:
-    _torchrun(tmp_path / "run", "cache", epochs=2, batch=4)
+def test_two_process_checkpoint_resumes_in_one_process(two_process_run) -> None:
+    checkpoint = two_process_run("cache") / "checkpoints" / "last.pt"
     sys.path.insert(0, str(WORKER.parent))
     from dist_worker import build
 
     resumed = vt.Trainer(build(0), device="cpu", progress=False, class_names=["cool", "warm"])
-    resumed.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    resumed.load_checkpoint(checkpoint)
     assert resumed.epoch == 2 and resumed.world_size == 1
-    keys = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"].keys()
+    keys = torch.load(checkpoint, weights_only=True)["model"].keys()
     assert not any(k.startswith("module.") for k in keys)
     resumed.fit(blobs(32), epochs=3, batch_size=8, num_workers=0)
     assert resumed.epoch == 3
