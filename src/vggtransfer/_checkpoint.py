@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import os
 import pickle
 import tempfile
@@ -180,8 +179,3 @@ def check_finite(state: Mapping[str, torch.Tensor], *, what: str) -> None:
             f"{what} holds NaN or infinite values in {len(bad)} tensors (first: {bad[0]}); "
             f"refusing to use weights that would only produce NaN"
         )
-
-
-def is_finite_number(value: object) -> bool:
-    """True for ints and finite floats."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
