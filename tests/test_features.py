@@ -14,6 +14,17 @@ from helpers import blobs, trainer, vgg
 from vggtransfer.data import DogsVsCats
 
 
+@pytest.fixture
+def pet_folders(pet_photos: list[Path], tmp_path: Path) -> Path:
+    """The copied photos as class folders: three cats, three dogs."""
+    folder = tmp_path / "pets"
+    for i, photo in enumerate(pet_photos):
+        kind = "cats" if i < 3 else "dogs"
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, folder / kind / photo.name)
+    return folder
+
+
 def _fit(t: vt.Trainer, epochs: int = 3) -> vt.History:
     return t.fit(blobs(48), blobs(16, seed=7), epochs=epochs, batch_size=8, num_workers=0)
 
@@ -69,12 +80,8 @@ def test_auto_refuses_trainable_batchnorm() -> None:
     )
 
 
-def test_auto_refuses_augmentation(pet_photos: list[Path], tmp_path: Path) -> None:
-    folder = tmp_path / "pets"
-    for i, photo in enumerate(pet_photos):
-        kind = "cats" if i < 3 else "dogs"
-        (folder / kind).mkdir(parents=True, exist_ok=True)
-        shutil.copy(photo, folder / kind / photo.name)
+def test_auto_refuses_augmentation(pet_folders: Path) -> None:
+    folder = pet_folders
     augmented = DogsVsCats(folder, transform=vt.imagenet_transform(train=True, size=32))
     t = trainer(class_names=None)
     t.fit(augmented, epochs=1, batch_size=3, num_workers=0)
@@ -106,13 +113,9 @@ def test_forced_caching_with_unfrozen_backbone_is_an_error() -> None:
 
 
 def test_cache_invalidated_when_weights_transform_or_data_change(
-    pet_photos: list[Path], tmp_path: Path
+    pet_photos: list[Path], pet_folders: Path
 ) -> None:
-    folder = tmp_path / "pets"
-    for i, photo in enumerate(pet_photos):
-        kind = "cats" if i < 3 else "dogs"
-        (folder / kind).mkdir(parents=True, exist_ok=True)
-        shutil.copy(photo, folder / kind / photo.name)
+    folder = pet_folders
     data = DogsVsCats(folder, transform=vt.imagenet_transform(size=32))
     t = trainer(class_names=None)
     t.fit(data, epochs=1, batch_size=3, num_workers=0)
@@ -230,16 +233,10 @@ def test_compiled_feature_pass_matches_eager_and_follows_weight_changes() -> Non
     assert torch.allclose(a2.features, b2.features, rtol=1e-4, atol=1e-5)
 
 
-def test_torchvision_imagefolder_with_deterministic_transform_is_cached(
-    pet_photos: list[Path], tmp_path: Path
-) -> None:
+def test_torchvision_imagefolder_with_deterministic_transform_is_cached(pet_folders: Path) -> None:
+    folder = pet_folders
     from torchvision.datasets import ImageFolder
 
-    folder = tmp_path / "pets"
-    for i, photo in enumerate(pet_photos):
-        kind = "cats" if i < 3 else "dogs"
-        (folder / kind).mkdir(parents=True, exist_ok=True)
-        shutil.copy(photo, folder / kind / photo.name)
     t = trainer(class_names=None)
     t.fit(
         ImageFolder(str(folder), transform=vt.imagenet_transform(size=32)),
