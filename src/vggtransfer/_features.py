@@ -106,10 +106,8 @@ def data_key(data: Any) -> str | None:
         indices = [root.indices[i] for i in indices] if indices is not None else list(root.indices)
         root = root.dataset
     if isinstance(root, TensorDataset):
-        for tensor in root.tensors:
-            flat = tensor.detach().cpu().reshape(-1).contiguous()
-            digest.update(f"{tuple(tensor.shape)}|{tensor.dtype}".encode())
-            digest.update(flat.view(torch.uint8).numpy().tobytes())
+        tensors = {str(i): tensor for i, tensor in enumerate(root.tensors)}
+        digest.update(fingerprint(tensors, set(tensors)).encode())
     elif isinstance(getattr(root, "samples", None), list):
         for path, label in root.samples:
             stat = Path(path).stat()
