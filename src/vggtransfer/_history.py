@@ -17,8 +17,10 @@ class History:
     """What ``Trainer.fit`` measured, one record per epoch.
 
     Each record holds ``epoch`` (1-based), ``train_loss``, ``train_accuracy``, and when a
-    validation set was given ``val_loss`` and ``val_accuracy``, plus ``lr`` (of the first
-    parameter group) and ``time_s`` (wall seconds for the epoch, validation included).
+    validation set was given ``val_loss`` and ``val_accuracy``, plus ``lr`` (the learning rate
+    of the first parameter group during the epoch), ``features_lr`` once
+    :meth:`Trainer.unfreeze_features` was called, and ``time_s`` (wall seconds for the epoch,
+    validation included).
     Accuracies are fractions in [0, 1].
 
     Example:

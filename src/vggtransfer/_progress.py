@@ -48,6 +48,8 @@ def format_record(record: dict[str, float], epochs: int) -> str:
             )
     if "lr" in record:
         parts.append(f"lr {record['lr']:.0e}")
+    if "features_lr" in record:
+        parts.append(f"features lr {record['features_lr']:.0e}")
     if "time_s" in record:
         parts.append(f"{record['time_s']:.1f}s")
     return "  ".join(parts)

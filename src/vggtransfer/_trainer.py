@@ -53,6 +53,7 @@ from ._models import rebuild_model
 from ._predict import PredictInput, Prediction, as_items, is_single, to_batch
 from ._progress import make_progress
 from ._rng import capture_rng, epoch_rng, restore_rng
+from ._schedule import adopt_new_group
 from ._sources import CachedSource, LoaderSource, make_loader
 from ._spec import build_spec
 from ._state_dict import state_dict_differences
@@ -260,17 +261,25 @@ class Trainer:
 
         Calls :func:`unfreeze_features` on the model and adds the newly trainable parameters
         to the optimizer as a new parameter group, so the head keeps its own learning rate.
-        Checkpoints record the switch, and :meth:`load_checkpoint` repeats it.
+        A ``scheduler`` learns of the new group: the features start at ``lr`` and from then on
+        follow the head's schedule (decays, warm-up, cycles) by the same factors. History
+        records their rate as ``features_lr``. Checkpoints record the switch, and
+        :meth:`load_checkpoint` repeats it.
 
         Args:
-            lr: Learning rate of the features; defaults to a tenth of ``lr``.
+            lr: Learning rate of the features; defaults to a tenth of the head's current rate.
         """
-        lr = self.lr / 10 if lr is None else lr
+        if lr is None:
+            head = self.optimizer.param_groups[0]
+            # A schedule can sit at zero (cosine annealing's end): then a tenth of its base rate.
+            lr = (float(head["lr"]) or float(head.get("initial_lr", self.lr))) / 10
         held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         unfreeze_features(self.network)
         new = [p for p in self.network.parameters() if p.requires_grad and id(p) not in held]
         if new:
             self.optimizer.add_param_group({"params": new, "lr": lr})
+            if self.scheduler is not None:
+                adopt_new_group(self.scheduler, self.optimizer)
         self.unfreeze_lr = lr
 
     def _source(
@@ -508,6 +517,8 @@ class Trainer:
             val_metrics = self._evaluate_source(val, confusion=None)
             record.update(val_loss=val_metrics["loss"], val_accuracy=val_metrics["accuracy"])
         record["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        if self.unfreeze_lr is not None and len(self.optimizer.param_groups) > 1:
+            record["features_lr"] = float(self.optimizer.param_groups[-1]["lr"])
         if self.scheduler is not None:
             if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 self.scheduler.step(record.get("val_loss", record["train_loss"]))
