@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 import vggtransfer as vt
@@ -254,3 +255,42 @@ def test_torchvision_imagefolder_with_deterministic_transform_is_cached(pet_fold
     assert t.cache_report["fit(train)"].startswith(
         "off: the transform function is not a vggtransfer ImageTransform"
     )
+
+
+class _Tiny(nn.Module):
+    """A VGG in miniature (conv-BatchNorm features, dropout head) that compiles in seconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(4)
+        )
+        self.classifier = nn.Sequential(nn.Linear(128, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_frozen_then_fine_tuned() -> None:
+    def run(compile_model: bool) -> tuple[vt.Trainer, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = vt.freeze_features(_Tiny())
+        frozen = {k: v.clone() for k, v in model.features.state_dict().items()}
+        t = trainer(model, cache_features=False, compile_model=compile_model)
+        t.fit(blobs(32), epochs=2, batch_size=8, num_workers=0)
+        return t, frozen
+
+    (eager, _), (compiled, frozen) = run(False), run(True)
+    after = compiled.model.features.state_dict()
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen), "compiled steps changed frozen state"
+    assert compiled.history["train_loss"] == pytest.approx(eager.history["train_loss"], rel=1e-5)
+
+    for t in (eager, compiled):
+        t.unfreeze_features()
+        t.fit(blobs(32), epochs=4, batch_size=8, num_workers=0)
+    assert compiled.history["train_loss"] == pytest.approx(eager.history["train_loss"], rel=1e-4)
+    ours, theirs = compiled.model.state_dict(), eager.model.state_dict()
+    assert not torch.equal(ours["features.1.running_mean"], frozen["1.running_mean"])
+    for key in theirs:
+        assert torch.allclose(ours[key].float(), theirs[key].float(), rtol=1e-4, atol=1e-5), key

@@ -117,6 +117,13 @@ class Trainer:
             ``torch.compile`` with inductor freezing, which folds the frozen BatchNorm layers
             into the convolutions. Compiling takes tens of seconds, so it pays off on large data
             sets; it is redone whenever the frozen weights change.
+        compile_model: Run the training and evaluation steps (forward and backward) through
+            ``torch.compile``: the model's when training on images, the head's when training
+            on cached features. The speed-up is for GPUs, where full fine-tuning of VGG16 is
+            about 1.5x faster compiled; on CPUs compiling costs more than it saves. The first
+            step of a fit compiles (about a minute for VGG16), and again after
+            :meth:`unfreeze_features`. Dropout uses the same random numbers as without
+            compiling, so results agree with an uncompiled run within float tolerance.
 
     Example:
         >>> import torch, vggtransfer as vt
@@ -147,6 +154,7 @@ class Trainer:
         cache_dir: str | os.PathLike[str] | None = None,
         channels_last: bool | Literal["auto"] = "auto",
         compile_features: bool = False,
+        compile_model: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Trainer: expected model to be an nn.Module but got {type(model).__name__}")
@@ -196,6 +204,7 @@ class Trainer:
         self.cache_report: dict[str, str] = {}
         self._feature_sets: dict[str, FeatureSet] = {}
         self.compile_features = compile_features
+        self.compile_model = compile_model
         self._compiled: tuple[str, nn.Module] | None = None  # (backbone fingerprint, compiled network)
         #: Plain data saved with every checkpoint and restored by load_checkpoint (e.g. a data split).
         self.extra: dict[str, Any] = {}
@@ -305,7 +314,7 @@ class Trainer:
                     f"pass its dataset and batch_size instead"
                 )
             self.cache_report[what] = "off: " + str(cacheability(self.network, data))
-            return LoaderSource(data, self.model, self.seed)
+            return LoaderSource(data, self._step_module(self.model, training=shuffle), self.seed)
         if not isinstance(data, Dataset) or not hasattr(data, "__len__"):
             raise TypeError(
                 f"{what}: expected a torch Dataset (with __len__) or a DataLoader but got {type(data).__name__}"
@@ -316,12 +325,12 @@ class Trainer:
         features = self._cached(data, batch_size, num_workers, what, compute_cache)
         if features is not None:
             head = _locate(self.network, "Trainer").module
-            forward = self._parallel(head) if shuffle else head
+            forward = self._step_module(head, training=shuffle)
             return CachedSource(
                 features, forward, batch_size, shuffle, self.seed, self.device, self.rank, self.world_size
             )
         loader = self._make_loader(data, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers)
-        return LoaderSource(loader, self._parallel(self.model) if shuffle else self.model, self.seed)
+        return LoaderSource(loader, self._step_module(self.model, training=shuffle), self.seed)
 
     def _make_loader(
         self, data: Dataset[Any], *, batch_size: int, shuffle: bool, num_workers: int | None
@@ -337,6 +346,17 @@ class Trainer:
             rank=self.rank,
             world=self.world_size,
         )
+
+    def _step_module(self, module: nn.Module, *, training: bool) -> nn.Module:
+        """What computes a step's logits: DDP-wrapped for training under torchrun, compiled if asked."""
+        if training:
+            module = self._parallel(module)
+        if self.compile_model:
+            # fallback_random: dropout draws the same random numbers as without compiling, so the
+            # results match eager ones within float tolerance and resuming stays bit-exact.
+            # torch.compile caches the generated code per module, so later fits reuse it.
+            module = torch.compile(module, options={"fallback_random": True})  # type: ignore[assignment]
+        return module
 
     def _parallel(self, module: nn.Module) -> nn.Module:
         """``module`` wrapped in DistributedDataParallel under torchrun, for training steps."""
