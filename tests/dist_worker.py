@@ -22,7 +22,18 @@ def build(seed: int) -> torch.nn.Module:
 
 
 def main() -> None:
-    out, cache, epochs, batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    """``dist_worker.py OUT EPOCHS BATCH JOB...``, each JOB ``NAME:cache|plain[:CHECKPOINT]``.
+
+    The jobs run one after the other in the same process group (one torchrun launch for all of
+    them: starting Python and torch is most of a launch's cost); each writes into OUT/NAME.
+    """
+    out, epochs, batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    for job in sys.argv[4:]:
+        name, cache, *resume = job.split(":", 2)
+        run(out / name, cache, epochs, batch, resume[0] if resume else None)
+
+
+def run(out: Path, cache: str, epochs: int, batch: int, resume: str | None) -> None:
     rank_seed = int(os.environ.get("RANK", "0"))  # a different init per rank: rank 0's must win
     trainer = vt.Trainer(
         build(rank_seed),
@@ -32,8 +43,8 @@ def main() -> None:
         cache_features={"cache": True, "plain": False}[cache],
         class_names=["cool", "warm"],
     )
-    if len(sys.argv) > 5:  # resume from a checkpoint first (e.g. one written by a single process)
-        trainer.load_checkpoint(sys.argv[5])
+    if resume is not None:  # resume from a checkpoint first (e.g. one written by a single process)
+        trainer.load_checkpoint(resume)
     trainer.fit(
         blobs(32),
         blobs(12, seed=7),
@@ -44,6 +55,7 @@ def main() -> None:
     )
     report = trainer.evaluate(blobs(12, seed=7), batch_size=batch, num_workers=0)
     if vt.is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
         torch.save(trainer.network.state_dict(), out / "final.pt")
         (out / "result.json").write_text(
             json.dumps(

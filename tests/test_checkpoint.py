@@ -50,26 +50,6 @@ def test_resume_in_process_gives_bitwise_identical_weights(tmp_path: Path) -> No
     )
 
 
-def test_resume_across_unfreeze_in_process(tmp_path: Path) -> None:
-    def phases(t: vt.Trainer, stop_at: int) -> None:
-        _fit(t, min(2, stop_at))
-        if stop_at > 2:
-            if t.unfreeze_lr is None:
-                t.unfreeze_features(lr=1e-4)
-            _fit(t, stop_at)
-
-    straight = trainer()
-    phases(straight, 4)
-    first = trainer()
-    phases(first, 3)
-    first.save_checkpoint(tmp_path / "ck.pt")
-    resumed = trainer()  # built frozen, like the original; the checkpoint unfreezes it
-    resumed.load_checkpoint(tmp_path / "ck.pt")
-    assert resumed.unfreeze_lr == 1e-4 and len(resumed.optimizer.param_groups) == 2
-    _fit(resumed, 4)
-    assert weights_equal(straight.model, resumed.model)
-
-
 RESUME_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
@@ -84,7 +64,9 @@ torch.save(t.model.state_dict(), {out!r})
 
 
 @pytest.mark.slow
-def test_resume_in_fresh_process_gives_bitwise_identical_weights(tmp_path: Path) -> None:
+def test_resume_across_unfreeze_in_fresh_and_same_process_gives_bitwise_identical_weights(
+    tmp_path: Path,
+) -> None:
     straight = trainer()
     _fit(straight, 2)
     straight.unfreeze_features(lr=1e-4)
@@ -107,6 +89,13 @@ def test_resume_in_fresh_process_gives_bitwise_identical_weights(tmp_path: Path)
     expected = straight.model.state_dict()
     assert final.keys() == expected.keys()
     assert [k for k in expected if not torch.equal(expected[k], final[k])] == []
+
+    # the same in this process: a Trainer built frozen, like the original, is unfrozen by the checkpoint
+    resumed = trainer()
+    resumed.load_checkpoint(tmp_path / "ck.pt")
+    assert resumed.unfreeze_lr == 1e-4 and len(resumed.optimizer.param_groups) == 2
+    _fit(resumed, 4)
+    assert weights_equal(straight.model, resumed.model)
 
 
 # ---------------------------------------------------------------------------- atomic writes

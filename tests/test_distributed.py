@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -16,16 +17,7 @@ from vggtransfer._distributed import detect
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 
 
-def _torchrun(
-    out: Path, cache: str, epochs: int, batch: int, nproc: int = 2, resume: Path | None = None
-) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    extra = [str(resume)] if resume else []
-    result = torchrun(str(WORKER), str(out), cache, str(epochs), str(batch), *extra, nproc=nproc)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads((out / "result.json").read_text())
-
-
+@functools.cache  # the tests only read the result
 def _single(cache: bool, epochs: int, batch: int) -> vt.Trainer:
     sys.path.insert(0, str(WORKER.parent))
     from dist_worker import build
@@ -38,26 +30,31 @@ def _single(cache: bool, epochs: int, batch: int) -> vt.Trainer:
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory: pytest.TempPathFactory):
-    """The 2-process training run of each mode, launched once for all the tests that read it."""
-    done: dict[str, Path] = {}
+def two_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 2-process launch (batch 4, 2 epochs) for every test here: starting it is the slow part.
 
-    def run(mode: str) -> Path:
-        if mode not in done:
-            done[mode] = tmp_path_factory.mktemp(f"two-process-{mode}")
-            _torchrun(done[mode], mode, epochs=2, batch=4)
-        return done[mode]
+    Jobs: ``cache`` and ``plain`` train from scratch with and without feature caching; ``resume``
+    first loads ``one.pt``, written by a single process after one epoch with batch 8.
+    """
+    out = tmp_path_factory.mktemp("two-processes")
+    _single(True, epochs=1, batch=8).save_checkpoint(out / "one.pt")
+    jobs = ["cache:cache", "plain:plain", f"resume:cache:{out / 'one.pt'}"]
+    result = torchrun(str(WORKER), str(out), "2", "4", *jobs, nproc=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
 
-    return run
+
+def _result(out: Path) -> dict:
+    return json.loads((out / "result.json").read_text())
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cache", ["cache", "plain"])
 def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(
-    two_process_run, cache: str
+    two_process_runs: Path, cache: str
 ) -> None:
-    out = two_process_run(cache)
-    result = json.loads((out / "result.json").read_text())
+    out = two_process_runs / cache
+    result = _result(out)
     single = _single(cache == "cache", epochs=2, batch=8)
     assert result["world"] == 2
     assert result["cache"]["fit(train)"] == ("on" if cache == "cache" else "off: cache_features=False")
@@ -76,8 +73,8 @@ def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(
 
 
 @pytest.mark.slow
-def test_two_process_checkpoint_resumes_in_one_process(two_process_run) -> None:
-    checkpoint = two_process_run("cache") / "checkpoints" / "last.pt"
+def test_two_process_checkpoint_resumes_in_one_process(two_process_runs: Path) -> None:
+    checkpoint = two_process_runs / "cache" / "checkpoints" / "last.pt"
     sys.path.insert(0, str(WORKER.parent))
     from dist_worker import build
 
@@ -91,12 +88,13 @@ def test_two_process_checkpoint_resumes_in_one_process(two_process_run) -> None:
 
 
 @pytest.mark.slow
-def test_single_process_checkpoint_resumes_on_two_processes(tmp_path: Path) -> None:
-    single = _single(True, epochs=1, batch=8)
-    path = single.save_checkpoint(tmp_path / "one.pt")
-    result = _torchrun(tmp_path / "run", "cache", epochs=2, batch=4, resume=path)
+def test_single_process_checkpoint_resumes_on_two_processes(two_process_runs: Path) -> None:
+    result = _result(two_process_runs / "resume")
+    one = torch.load(two_process_runs / "one.pt", weights_only=True)
     assert [r["epoch"] for r in result["history"]["records"]] == [1, 2]
-    assert result["history"]["records"][0] == single.history.records[0]  # restored, not retrained
+    assert (
+        result["history"]["records"][0] == one["trainer"]["history"]["records"][0]
+    )  # restored, not retrained
     straight = _single(True, epochs=2, batch=8)
     assert result["history"]["records"][1]["train_loss"] == pytest.approx(
         straight.history.records[1]["train_loss"], rel=1e-4
