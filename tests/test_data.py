@@ -40,12 +40,19 @@ def _write_variants(folder: Path, source: Path, prefix: str = "") -> tuple[set[s
     source_bytes = source.read_bytes()
     (folder / f"{prefix}empty.jpg").write_bytes(b"")
     (folder / f"{prefix}truncated.jpg").write_bytes(source_bytes[: len(source_bytes) // 2])
+    # the scan decodes JPEGs at reduced scale: cut-off progressive and CMYK ones must still fail it
+    for name, options in (("progressive", {"progressive": True}), ("cmyk", {})):
+        encoded = io.BytesIO()
+        (rgb.convert("CMYK") if name == "cmyk" else rgb).save(encoded, format="JPEG", **options)
+        (folder / f"{prefix}truncated-{name}.jpg").write_bytes(encoded.getvalue()[: encoded.tell() * 2 // 3])
     (folder / f"{prefix}text.jpg").write_text("this is not an image\n")
     (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504))
     Image.new("1", (15000, 15000)).save(folder / f"{prefix}bomb.png")
     bad = {
         f"{prefix}empty.jpg": "empty file (0 bytes)",
         f"{prefix}truncated.jpg": "truncated image data",
+        f"{prefix}truncated-progressive.jpg": "truncated image data",
+        f"{prefix}truncated-cmyk.jpg": "truncated image data",
         f"{prefix}text.jpg": "not an image (Pillow cannot identify the format)",
         "Thumbs.db": "not an image (Pillow cannot identify the format)",
         f"{prefix}bomb.png": "decompression bomb",

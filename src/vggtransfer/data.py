@@ -71,10 +71,11 @@ class ScanReport:
 
 
 def check_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -> str | None:
-    """Fully decode ``path`` and return why it is unusable, or None if it is a good image.
+    """Decode ``path`` and return why it is unusable, or None if it is a good image.
 
     ``Image.open`` reads only the header and ``Image.verify`` only checks some formats'
-    structure: a truncated JPEG passes both. Decoding every pixel is the only reliable test.
+    structure: a truncated JPEG passes both. Decoding all the data is the only reliable test
+    (JPEGs are decoded at an eighth of their size, which still reads every byte).
 
     Args:
         path: The file.
@@ -90,6 +91,10 @@ def check_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) 
             width, height = image.size
             if limit and width * height > limit:
                 return f"decompression bomb: {width}x{height} = {width * height} pixels, more than the limit of {limit}"
+            # JPEG only: let libjpeg scale the output down 8x while decoding. Every byte of the
+            # compressed data is still entropy-decoded, which is where truncation and corruption
+            # show, but the inverse DCT and colour conversion shrink: about 2x faster scans.
+            image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
             image.load()
             to_rgb(image)  # the conversion the dataset will do, so odd modes fail here, not mid-epoch
     except Image.DecompressionBombError as exc:
