@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -160,6 +162,41 @@ def test_features_past_the_memory_budget_go_to_a_reusable_disk_cache(
     assert h_again["train_loss"] == h_disk["train_loss"]
 
 
+class _Opaque(torch.utils.data.Dataset):
+    """A dataset vggtransfer cannot fingerprint: its disk cache can never be found again."""
+
+    def __init__(self, inner: torch.utils.data.Dataset) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        return self.inner[index]
+
+
+def test_disk_caches_are_pruned_to_the_limit_and_one_off_caches_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vggtransfer._trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "_memory_budget", lambda device: 1024)  # everything to disk
+    monkeypatch.setenv("VGGTRANSFER_CACHE_LIMIT_GB", str(1.5 * 16 * 25088 * 4 / 1e9))  # room for one
+    cache = tmp_path / "cache"
+    first, second = trainer(cache_dir=cache), trainer(cache_dir=cache)
+    first.fit(blobs(16, seed=1), epochs=1, batch_size=8, num_workers=0)
+    (first_entry,) = {p.name.split(".")[0] for p in cache.iterdir()}
+    second.fit(blobs(16, seed=2), epochs=1, batch_size=8, num_workers=0)
+    (second_entry,) = {p.name.split(".")[0] for p in cache.iterdir()}
+    assert second_entry != first_entry  # the older one made room
+    assert first.predict(torch.randn(3, 32, 32)).label in ("cool", "warm")  # still usable
+
+    opaque = trainer(cache_dir=cache, cache_features=True)
+    history = opaque.fit(_Opaque(blobs(16, seed=3)), epochs=2, batch_size=8, num_workers=0)
+    assert len(history) == 2 and opaque.cache_report["fit(train)"] == "on"
+    assert {p.name.split(".")[0] for p in cache.iterdir()} == {second_entry}
+
+
 def test_evaluate_uses_cached_features_only_when_present() -> None:
     t = trainer()
     val = blobs(16, seed=7)
@@ -294,3 +331,52 @@ def test_compiled_training_matches_eager_frozen_then_fine_tuned() -> None:
     assert not torch.equal(ours["features.1.running_mean"], frozen["1.running_mean"])
     for key in theirs:
         assert torch.allclose(ours[key].float(), theirs[key].float(), rtol=1e-4, atol=1e-5), key
+
+
+def test_default_workers_use_this_process_cores_shared_among_local_processes() -> None:
+    from vggtransfer._sources import default_workers
+
+    cores = len(os.sched_getaffinity(0))
+    assert default_workers({}) == min(32, cores - 1)
+    assert default_workers({"LOCAL_WORLD_SIZE": "2"}) == min(32, max(0, cores // 2 - 1))
+    assert default_workers({"LOCAL_WORLD_SIZE": str(cores + 1)}) == 0
+
+
+def _fake_entry(folder: Path, stem: str, size: int, used: float) -> list[Path]:
+    files = [folder / f"{stem}.bin", folder / f"{stem}.targets.pt", folder / f"{stem}.json"]
+    for path in files:
+        path.write_bytes(bytes(size if path.suffix == ".bin" else 10))
+        os.utime(path, (used, used))
+    return files
+
+
+def test_pruning_deletes_least_recently_used_caches_beyond_the_limit(tmp_path: Path) -> None:
+    from vggtransfer._features import open_features, prune_caches
+
+    now = time.time()
+    old, middle, new = ("a" * 32, "b" * 32, "c" * 32)
+    for stem, age in ((old, 300), (middle, 200), (new, 100)):
+        _fake_entry(tmp_path, stem, 1000, now - age)
+    (tmp_path / ("d" * 32 + ".tmp")).write_bytes(bytes(10))  # another run writing now: kept
+    stale = tmp_path / ("e" * 32 + ".tmp")
+    stale.write_bytes(bytes(10))
+    os.utime(stale, (now - 3 * 86400, now - 3 * 86400))  # left by a killed run: deleted
+    (tmp_path / "notes.json").write_text("{}")  # not ours: never touched
+    kept = tmp_path / ("f" * 32 + ".bin")
+    _fake_entry(tmp_path, "f" * 32, 1000, now - 999)  # just written, though oldest by its times
+
+    deleted = prune_caches(tmp_path, keep=kept, limit_bytes=2100)
+
+    remaining = {p.name.split(".")[0][:1] for p in tmp_path.iterdir() if p.name != "notes.json"}
+    assert remaining == {"c", "d", "f"}
+    assert stale in deleted and (tmp_path / "notes.json").exists()
+
+    # opening a cache marks it used, so pruning keeps it over ones used since it was written
+    store = tmp_path / f"{new}.bin"
+    store.write_bytes(bytes(24))
+    (tmp_path / f"{new}.json").write_text('{"shape": [2, 3], "dtype": "float32"}')
+    torch.save(torch.tensor([0, 1]), tmp_path / f"{new}.targets.pt")
+    os.utime(tmp_path / f"{new}.json", (now - 500, now - 500))
+    opened = open_features(store)
+    assert opened is not None and opened.features.shape == (2, 3)
+    assert (tmp_path / f"{new}.json").stat().st_mtime >= now

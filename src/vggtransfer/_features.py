@@ -12,14 +12,18 @@ or, for a model made by ``append_classifier``, the whole frozen network's 1000 l
 Caches are keyed by a fingerprint of the frozen weights, the transform settings and the data
 (file paths, sizes and modification times, or tensor bytes), so changing any of them computes the
 features afresh. Small caches live in memory; past a memory budget they are written to a
-memory-mapped file in a cache folder and reused by later runs with the same key.
+memory-mapped file in a cache folder and reused by later runs with the same key. The folder is
+kept under a size limit by deleting the least recently used caches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +41,98 @@ from ._freeze import _HOOK_ATTR
 from ._heads import _locate
 from ._transforms import ImageTransform
 
-__all__ = ["FeatureSet", "cacheability", "compute_features", "data_key", "default_cache_dir"]
+__all__ = [
+    "FeatureSet",
+    "cache_limit_bytes",
+    "cacheability",
+    "compute_features",
+    "data_key",
+    "default_cache_dir",
+    "prune_caches",
+]
 
 
 def default_cache_dir() -> Path:
     """``$VGGTRANSFER_CACHE``, else ``~/.cache/vggtransfer/features``."""
     return Path(os.environ.get("VGGTRANSFER_CACHE", Path.home() / ".cache" / "vggtransfer")) / "features"
+
+
+def cache_limit_bytes() -> int:
+    """Disk space the feature caches of one folder may take: ``$VGGTRANSFER_CACHE_LIMIT_GB``, else 50 GB."""
+    raw = os.environ.get("VGGTRANSFER_CACHE_LIMIT_GB", "50")
+    try:
+        gigabytes = float(raw)
+    except ValueError:
+        raise ValueError(
+            f"VGGTRANSFER_CACHE_LIMIT_GB must be a number of gigabytes (like 50 or 0.5) but is {raw!r}"
+        ) from None
+    return int(gigabytes * 1e9)
+
+
+# The files of one cache entry, beside ``KEY.bin``; ``.json`` is written last and marks it complete.
+_ENTRY_SUFFIXES = (".bin", ".json", ".targets.pt", ".tmp")
+_KEY_NAME = re.compile(r"[0-9a-f]{32}")  # cache_key() and one-off names: 32 hex digits
+_STALE_TMP_S = 24 * 3600  # a .tmp this old is from a run that was killed, not one still writing
+
+
+def prune_caches(folder: Path, *, keep: Path, limit_bytes: int) -> list[Path]:
+    """Delete the least recently used feature caches in ``folder`` until they fit ``limit_bytes``.
+
+    Use is the modification time of an entry's ``.json`` (:func:`open_features` touches it).
+    ``keep`` (the cache just written) is never deleted, nor is a ``.tmp`` file younger than a
+    day, which another run may be writing now. A run that still has a deleted cache mapped keeps
+    reading it (POSIX unlinks the name, not the open file). Returns the deleted files.
+    """
+    entries: dict[str, list[Path]] = {}
+    for path in folder.glob("*"):
+        stem = path.name.split(".", 1)[0]
+        # Only files named like a cache key: a shared cache_dir may hold other files.
+        if _KEY_NAME.fullmatch(stem) and path.is_file() and path.name.endswith(_ENTRY_SUFFIXES):
+            entries.setdefault(stem, []).append(path)
+    deleted: list[Path] = []
+    now = time.time()
+
+    def stat_or_none(path: Path) -> os.stat_result | None:
+        try:
+            return path.stat()
+        except OSError:  # deleted by a concurrent run
+            return None
+
+    complete = []
+    for stem, files in entries.items():
+        if stem == keep.name.split(".", 1)[0]:
+            continue
+        description = folder / f"{stem}.json"
+        stat = stat_or_none(description)
+        if stat is None:  # no .json: being written, or left by a killed run
+            for path in files:
+                file_stat = stat_or_none(path)
+                if file_stat is not None and now - file_stat.st_mtime > _STALE_TMP_S:
+                    deleted += _unlink([path])
+            continue
+        size = sum(st.st_size for st in map(stat_or_none, files) if st is not None)
+        complete.append((stat.st_mtime, size, files))
+    keep_size = sum(
+        st.st_size for st in map(stat_or_none, keep.parent.glob(keep.stem + ".*")) if st is not None
+    )
+    total = keep_size + sum(size for _, size, _ in complete)
+    for _, size, files in sorted(complete, key=lambda entry: entry[0]):
+        if total <= limit_bytes:
+            break
+        deleted += _unlink(files)
+        total -= size
+    return deleted
+
+
+def _unlink(paths: list[Path]) -> list[Path]:
+    gone = []
+    for path in paths:
+        try:
+            path.unlink()
+            gone.append(path)
+        except FileNotFoundError:
+            pass
+    return gone
 
 
 def _training_sensitive(module: nn.Module) -> bool:
@@ -219,6 +309,10 @@ def open_features(store: Path) -> FeatureSet | None:
     if not (description.is_file() and store.is_file() and store.with_suffix(".targets.pt").is_file()):
         return None
     meta = json.loads(description.read_text())
+    # Used now: pruning deletes the least recently used caches first. A read-only cache folder
+    # still serves its caches.
+    with contextlib.suppress(OSError):
+        os.utime(description)
     # Copy-on-write mapping: pages are read as batches touch them, and never written back.
     array = np.memmap(store, dtype=np.float32, mode="c", shape=tuple(meta["shape"]))
     targets = torch.load(store.with_suffix(".targets.pt"), weights_only=True)

@@ -8,6 +8,7 @@ progress output in ``_progress``, random streams in ``_rng``, the file format in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -40,10 +41,12 @@ from ._features import (
     FeatureSet,
     backbone_key,
     cache_key,
+    cache_limit_bytes,
     cacheability,
     compute_features,
     default_cache_dir,
     open_features,
+    prune_caches,
 )
 from ._freeze import unfreeze_features
 from ._heads import _locate
@@ -395,10 +398,12 @@ class Trainer:
             if not compute:
                 self.cache_report[what] = "off: features not cached by fit"
                 return None
+            limit = cache_limit_bytes()  # a malformed setting fails here, not after the feature pass
             started = time.perf_counter()
             # Under torchrun each process computes every world_size-th sample, then all share.
             loader = self._make_loader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
             self.progress.start_epoch(0, 0, len(loader), f"caching features for {what}")
+            store = folder / f"{key or secrets.token_hex(16)}.bin"
             stored = compute_features(
                 self._feature_network(),
                 loader,
@@ -406,10 +411,14 @@ class Trainer:
                 prepare=self._to_device,
                 autocast=self.precision.autocast,
                 on_batch=lambda count: self.progress.step(None, count),
-                store=folder / f"{key or secrets.token_hex(16)}.bin",
+                store=store,
                 # Distributed shards are gathered in memory; the disk cache is single-process.
                 budget_bytes=_memory_budget(self.device) if self.world_size == 1 else 1 << 62,
             )
+            if store.exists():  # went to disk
+                if key is None:  # no later run can find it: drop the names now, the mapping stays
+                    _drop_one_off_cache(store)
+                prune_caches(folder, keep=store, limit_bytes=limit)
             if self.world_size > 1:
                 total = len(data)  # type: ignore[arg-type]
                 stored = FeatureSet(gather_rows(stored.features, total), gather_rows(stored.targets, total))
@@ -446,7 +455,8 @@ class Trainer:
             val: Validation samples, evaluated after every epoch.
             epochs: Total number of epochs to reach.
             batch_size: Samples per step, for Datasets.
-            num_workers: Loader processes, for Datasets; default one per core but one, up to 8.
+            num_workers: Loader processes, for Datasets; default one per usable core but one
+                (shared among torchrun's processes on this machine), up to 32.
             early_stopping: Stop when a metric stops improving (and restore the best weights).
             checkpoint_dir: Keep ``last.pt`` (every epoch) and ``best.pt`` (best monitored
                 metric: ``early_stopping.monitor``, else ``val_loss``, else ``train_loss``).
@@ -871,6 +881,14 @@ def _check_sample(sample: Any, what: str) -> None:
             f"{what}: expected the label of each sample to be an int class index but the first one "
             f"is a {type(label).__name__}"
         )
+
+
+def _drop_one_off_cache(store: Path) -> None:
+    """Unlink a disk cache that has no key; the open memory map keeps its data until released."""
+    for path in (store, store.with_suffix(".json"), store.with_suffix(".targets.pt")):
+        # Windows refuses to unlink mapped files: pruning removes them later.
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _memory_budget(device: torch.device) -> int:
