@@ -3,11 +3,14 @@
     python benchmarks/seed_vs_vggtransfer.py                      # CPU: VGG16_bn, 112 px, 256 images
     python benchmarks/seed_vs_vggtransfer.py --device cuda --size 224 --images 4096
 
-The seed recipe (frozen VGG16_bn features, new 25088-500-2 head, Adam, fp32) recomputes the frozen
-feature pass every epoch. vggtransfer computes it once (feature caching), trains the head on the
-cached features with a fused optimizer, and on GPUs uses bf16 autocast and channels_last. Both
+The seed recipe (frozen VGG16_bn features, new 25088-500-2 head, Adam, fp32; strict fp32 on CUDA,
+without TF32) recomputes the frozen feature pass every epoch. vggtransfer computes it once
+(feature caching), trains the head on the cached features with a fused optimizer, and on GPUs
+uses bf16 autocast and channels_last; --compile adds compile_features and compile_model. Both
 read the same JPEG files through the same preprocessing, with the same batch size and loader
-workers. Weights are random (weights=None): speed does not depend on their values.
+workers. Full fine-tuning is timed on preprocessed tensors in memory (compute, not decoding):
+the seed's plain loop against Trainer.fit. Weights are random (weights=None): speed does not
+depend on their values.
 
 Prints a Markdown table and writes the numbers to --out as JSON. On CUDA it also measures the
 bf16 matmul rate in the same run and reports each phase's achieved TFLOP/s against it.
@@ -16,6 +19,8 @@ bf16 matmul rate in the same run and reports each phase's achieved TFLOP/s again
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import platform
 import resource
@@ -23,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +37,7 @@ import torch
 import torchvision
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 import vggtransfer as vt
 from vggtransfer._device import resolve_device
@@ -54,9 +60,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None, help="loader processes (default: cores - 1)")
-    parser.add_argument("--fine-tune-steps", type=int, default=3, help="steps timed for full fine-tuning")
     parser.add_argument(
-        "--compile", action="store_true", help="vggtransfer: compile the feature pass (inductor freezing)"
+        "--fine-tune-steps", type=int, default=3, help="batches per epoch of the full fine-tuning measurement"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="vggtransfer: compile the feature pass (inductor freezing) and the fine-tuning steps",
     )
     parser.add_argument("--data", type=Path, default=PETS, help="folder of photos (class sub-folders)")
     parser.add_argument("--out", type=Path, default=Path("benchmark.json"))
@@ -88,9 +98,15 @@ def make_dataset(args: argparse.Namespace, folder: Path) -> ImageList:
     return ImageList(samples, classes, transform=vt.imagenet_transform(size=args.size))
 
 
+_TEMPLATE: list[nn.Module] = []
+
+
 def build_model(device: torch.device) -> nn.Module:
-    model = vt.create_model("vgg16_bn", weights=None)
-    return vt.replace_classifier(model, 2).to(device)
+    """VGG16_bn with the recipe's head, the same initial weights every call."""
+    if not _TEMPLATE:  # initialising 138M weights takes seconds on a CPU: do it once
+        torch.manual_seed(0)
+        _TEMPLATE.append(vt.replace_classifier(vt.create_model("vgg16_bn", weights=None), 2))
+    return copy.deepcopy(_TEMPLATE[0]).to(device)
 
 
 def sync(device: torch.device) -> None:
@@ -117,17 +133,18 @@ def seed_recipe(data: ImageList, args: argparse.Namespace, device: torch.device)
     sync(device)
     started = time.perf_counter()
     epoch_times = []
-    for _ in range(args.epochs):
-        epoch_started = time.perf_counter()
-        model.train()
-        for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
-            loss = loss_fn(model(images), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        sync(device)
-        epoch_times.append(time.perf_counter() - epoch_started)
+    with strict_fp32():
+        for _ in range(args.epochs):
+            epoch_started = time.perf_counter()
+            model.train()
+            for images, labels in loader:
+                images, labels = images.to(device), labels.to(device)
+                loss = loss_fn(model(images), labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            sync(device)
+            epoch_times.append(time.perf_counter() - epoch_started)
     wall = time.perf_counter() - started
     return {
         "wall_s": wall,
@@ -137,7 +154,7 @@ def seed_recipe(data: ImageList, args: argparse.Namespace, device: torch.device)
 
 
 def vggtransfer_recipe(
-    data: ImageList, args: argparse.Namespace, device: torch.device, folder: Path
+    data: ImageList, args: argparse.Namespace, device: torch.device, folder: Path, *, compiled: bool
 ) -> dict[str, float]:
     """The same recipe through vt.Trainer: features cached once, fused Adam, bf16 + NHWC on GPUs."""
     torch.manual_seed(0)
@@ -148,7 +165,7 @@ def vggtransfer_recipe(
         seed=0,
         progress=False,
         cache_dir=folder / "cache",
-        compile_features=args.compile,
+        compile_features=compiled,
     )
     reset_peak(device)
     sync(device)
@@ -176,44 +193,67 @@ def vggtransfer_recipe(
     }
 
 
+def fine_tune_tensors(data: ImageList, args: argparse.Namespace) -> TensorDataset:
+    """Preprocessed images for the fine-tuning measurement, decoded once: it times compute only."""
+    count = min(len(data), args.batch_size * args.fine_tune_steps)
+    loader = DataLoader(data, batch_size=args.batch_size, num_workers=workers(args))
+    images, labels = [], []
+    for batch_images, batch_labels in loader:
+        images.append(batch_images)
+        labels.append(batch_labels)
+        if sum(len(b) for b in labels) >= count:
+            break
+    return TensorDataset(torch.cat(images)[:count], torch.cat(labels)[:count])
+
+
 def fine_tune(
-    data: ImageList, args: argparse.Namespace, device: torch.device, *, seed_style: bool
+    data: TensorDataset, args: argparse.Namespace, device: torch.device, *, compiled: bool | None
 ) -> dict[str, float]:
-    """Images per second training every layer: the seed's fp32 loop, or the Trainer's settings."""
-    torch.manual_seed(0)
+    """Images per second training every layer, second of two epochs over the same tensors.
+
+    ``compiled=None``: the seed's loop, fp32 (strict on CUDA: no TF32), plain Adam. Otherwise
+    ``Trainer.fit`` with its defaults (fused Adam; bf16 and channels_last on CUDA) and
+    ``compile_model=compiled``. The first epoch warms up (and compiles) and is not counted.
+    """
     model = build_model(device)
-    batches = [
-        b
-        for _, b in zip(
-            range(args.fine_tune_steps + 1), DataLoader(data, batch_size=args.batch_size), strict=False
-        )
-    ]
-    if seed_style:
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        step_model, autocast = model, torch.autocast(device.type, enabled=False)
-        fmt = torch.contiguous_format
-    else:
-        trainer = vt.Trainer(model, lr=1e-4, device=device, progress=False)
-        optimizer, step_model, autocast = trainer.optimizer, trainer.model, trainer.precision.autocast()
-        fmt = torch.channels_last if trainer.channels_last else torch.contiguous_format
-    loss_fn = nn.CrossEntropyLoss()
     reset_peak(device)
-    step_model.train()
-    times = []
-    for images, labels in batches:  # the first step warms up and is not timed
-        images = images.to(device).contiguous(memory_format=fmt)
-        labels = labels.to(device)
-        sync(device)
-        started = time.perf_counter()
-        with autocast:
-            loss = loss_fn(step_model(images), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        sync(device)
-        times.append(time.perf_counter() - started)
-    per_step = float(np.median(times[1:]))
-    return {"img_s": args.batch_size / per_step, "peak_mem_gb": peak_gb(device)}
+    if compiled is None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, pin_memory=device.type == "cuda")
+        loss_fn = nn.CrossEntropyLoss()
+        epoch_s = []
+        with strict_fp32():
+            for _ in range(2):
+                sync(device)
+                started = time.perf_counter()
+                model.train()
+                for images, labels in loader:
+                    images, labels = images.to(device), labels.to(device)
+                    loss = loss_fn(model(images), labels)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                sync(device)
+                epoch_s.append(time.perf_counter() - started)
+        return {"img_s": len(data) / epoch_s[-1], "peak_mem_gb": peak_gb(device)}
+    trainer = vt.Trainer(model, lr=1e-4, device=device, seed=0, progress=False, compile_model=compiled)
+    trainer.fit(data, epochs=2, batch_size=args.batch_size, num_workers=0)
+    return {
+        "img_s": len(data) / trainer.history.records[-1]["time_s"],
+        "peak_mem_gb": peak_gb(device),
+        "first_epoch_s": trainer.history.records[0]["time_s"],
+    }
+
+
+@contextlib.contextmanager
+def strict_fp32() -> Iterator[None]:
+    """The seed recipe's arithmetic: fp32 convolutions and matmuls, no TF32 (CUDA's conv default)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def bf16_matmul_tflops(device: torch.device) -> float:
@@ -257,81 +297,98 @@ def peak_gb(device: torch.device) -> float:
 def main() -> int:
     args = parse_args()
     device = resolve_device(args.device)
-    flops = VGG16_BN_FLOPS_224 * (args.size / 224) ** 2
     machine = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        else f"{cpu_name()}, {torch.get_num_threads()} threads"
     )
     print(f"device: {machine}; torch {torch.__version__}, torchvision {torchvision.__version__}")
     print(
-        f"VGG16_bn, {args.images} images, {args.size} px, batch {args.batch_size}, {args.epochs} epochs, {workers(args)} loader workers"
+        f"VGG16_bn, {args.images} images, {args.size} px, batch {args.batch_size}, {args.epochs} epochs, "
+        f"{workers(args)} loader workers"
     )
+    # --compile measures vggtransfer both ways in the same run: eager first, then compiled.
+    variants = {"vggtransfer": False, **({"vggtransfer_compiled": True} if args.compile else {})}
+    results: dict[str, Any] = {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         data = make_dataset(args, folder)
-        results: dict[str, Any] = {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}}
         results["seed"] = seed_recipe(data, args, device)
         print(f"seed recipe done: {results['seed']['wall_s']:.1f}s", flush=True)
-        results["vggtransfer"] = vggtransfer_recipe(data, args, device, folder)
-        print(f"vggtransfer done: {results['vggtransfer']['wall_s']:.1f}s", flush=True)
-        results["fine_tune_seed"] = fine_tune(data, args, device, seed_style=True)
-        results["fine_tune_vggtransfer"] = fine_tune(data, args, device, seed_style=False)
+        for name, compiled in variants.items():
+            results[name] = vggtransfer_recipe(data, args, device, folder / name, compiled=compiled)
+            print(f"{name} done: {results[name]['wall_s']:.1f}s", flush=True)
+        tensors = fine_tune_tensors(data, args)
+        results["fine_tune_seed"] = fine_tune(tensors, args, device, compiled=None)
+        for name, compiled in variants.items():
+            results[f"fine_tune_{name}"] = fine_tune(tensors, args, device, compiled=compiled)
     if device.type == "cuda":
         results["bf16_matmul_tflops"] = bf16_matmul_tflops(device)
-    seed, ours = results["seed"], results["vggtransfer"]
-    rows = [
+    print_table(results, args, device, list(variants))
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def print_table(
+    results: dict[str, Any], args: argparse.Namespace, device: torch.device, variants: list[str]
+) -> None:
+    """The Markdown table: one block for the seed, one per vggtransfer variant."""
+    flops = VGG16_BN_FLOPS_224 * (args.size / 224) ** 2
+    seed, seed_tune = results["seed"], results["fine_tune_seed"]
+    strict = "strict fp32" if device.type == "cuda" else "fp32"
+    rows: list[tuple[str, str, float | None]] = [
         (
             "seed: frozen-features epoch (features recomputed)",
             f"{seed['epoch_img_s']:.1f} img/s",
             seed["epoch_img_s"] * flops,
         ),
-        (
-            "vggtransfer: one feature pass (cached)",
-            f"{ours['feature_pass_img_s']:.1f} img/s",
-            ours["feature_pass_img_s"] * flops,
-        ),
-        ("vggtransfer: head epoch on cached features", f"{ours['head_epoch_img_s']:.0f} img/s", None),
         (f"seed: {args.epochs}-epoch frozen run, wall", f"{seed['wall_s']:.1f} s", None),
         (
-            f"vggtransfer: {args.epochs}-epoch frozen run, wall (caching included)",
-            f"{ours['wall_s']:.1f} s",
-            None,
-        ),
-        ("speed-up of the frozen run", f"{seed['wall_s'] / ours['wall_s']:.1f}x", None),
-        (
-            "full fine-tuning, seed (fp32)",
-            f"{results['fine_tune_seed']['img_s']:.1f} img/s",
-            results["fine_tune_seed"]["img_s"] * 3 * flops,
-        ),
-        (
-            f"full fine-tuning, vggtransfer ({ours['precision']})",
-            f"{results['fine_tune_vggtransfer']['img_s']:.1f} img/s",
-            results["fine_tune_vggtransfer"]["img_s"] * 3 * flops,
-        ),
-        (
-            "peak memory, seed / vggtransfer frozen run",
-            f"{seed['peak_mem_gb']:.2f} / {ours['peak_mem_gb']:.2f} GB",
-            None,
+            f"seed: full fine-tuning ({strict})",
+            f"{seed_tune['img_s']:.1f} img/s",
+            seed_tune["img_s"] * 3 * flops,
         ),
     ]
+    for name in variants:
+        ours, tune = results[name], results[f"fine_tune_{name}"]
+        label = f"vggtransfer ({ours['precision']}{', compiled' if name.endswith('compiled') else ''})"
+        rows += [
+            (
+                f"{label}: one feature pass (cached)",
+                f"{ours['feature_pass_img_s']:.1f} img/s",
+                ours["feature_pass_img_s"] * flops,
+            ),
+            (f"{label}: head epoch on cached features", f"{ours['head_epoch_img_s']:.0f} img/s", None),
+            (
+                f"{label}: {args.epochs}-epoch frozen run, wall (caching included)",
+                f"{ours['wall_s']:.1f} s",
+                None,
+            ),
+            (f"{label}: **speed-up of the frozen run**", f"{seed['wall_s'] / ours['wall_s']:.1f}x", None),
+            (f"{label}: full fine-tuning", f"{tune['img_s']:.1f} img/s", tune["img_s"] * 3 * flops),
+            (
+                f"{label}: **speed-up of full fine-tuning**",
+                f"{tune['img_s'] / seed_tune['img_s']:.1f}x",
+                None,
+            ),
+            (
+                f"{label}: peak memory, frozen run (seed: {seed['peak_mem_gb']:.2f} GB)",
+                f"{ours['peak_mem_gb']:.2f} GB",
+                None,
+            ),
+            (f"{label}: checkpoint save", f"{ours['checkpoint_save_s']:.2f} s", None),
+        ]
     matmul = results.get("bf16_matmul_tflops")
     print()
     print("| phase | measured | TFLOP/s (share of bf16 matmul) |")
     print("| --- | --- | --- |")
     for name, value, rate in rows:
-        tflops = (
-            ""
-            if rate is None
-            else f"{rate / 1e12:.2f}" + (f" ({rate / 1e12 / matmul:.0%})" if matmul else "")
-        )
-        print(f"| {name} | {value} | {tflops} |")
+        share = f" ({rate / 1e12 / matmul:.0%})" if matmul and rate else ""
+        print(f"| {name} | {value} | {'' if rate is None else f'{rate / 1e12:.2f}{share}'} |")
     if matmul:
         print(f"| bf16 matmul, 8192^3 | {matmul:.0f} TFLOP/s | 100% |")
-    print(f"\nfeature caching: {ours['cached']}; checkpoint save {ours['checkpoint_save_s']:.2f} s")
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return 0
+    print(f"\nfeature caching: {results['vggtransfer']['cached']}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def test_benchmark_script_runs_and_reports_every_phase(tmp_path: Path) -> None:
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    assert "| speed-up of the frozen run |" in result.stdout
+    assert "vggtransfer (fp32): **speed-up of the frozen run** |" in result.stdout
+    assert "vggtransfer (fp32): **speed-up of full fine-tuning** |" in result.stdout
     data = json.loads(out.read_text())
     assert data["vggtransfer"]["cached"].startswith("on")
     assert set(data) >= {"seed", "vggtransfer", "fine_tune_seed", "fine_tune_vggtransfer", "machine"}
