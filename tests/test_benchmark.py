@@ -45,3 +45,22 @@ def test_benchmark_script_runs_and_reports_every_phase(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["vggtransfer"]["cached"].startswith("on")
     assert set(data) >= {"seed", "vggtransfer", "fine_tune_seed", "fine_tune_vggtransfer", "machine"}
+
+
+@pytest.mark.slow
+def test_end_to_end_script_times_every_phase_from_files_to_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "e2e.json"
+    args = ["--files", "24", "--image-size", "32", "--epochs", "2", "--arch", "vgg11", "--device", "cpu"]
+    args += ["--workers", "0", "--photos", str(tmp_path / "none"), "--out", str(out)]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "end_to_end.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    phases = ["import_s", "scan_s", "model_s", "fit_s", "checkpoint_s"]
+    assert data["total_s"] == pytest.approx(sum(data[p] for p in phases))
+    assert data["files"] == 24 and data["cached"] == "on"
+    assert "| **files on disk to saved checkpoint** |" in result.stdout
