@@ -114,6 +114,32 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def seed_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader[Any],
+    device: torch.device,
+    epochs: int,
+) -> list[float]:
+    """The seed's plain loop, in strict fp32: seconds per epoch."""
+    loss_fn = nn.CrossEntropyLoss()
+    times = []
+    with strict_fp32():
+        for _ in range(epochs):
+            sync(device)
+            started = time.perf_counter()
+            model.train()
+            for images, labels in loader:
+                images, labels = images.to(device), labels.to(device)
+                loss = loss_fn(model(images), labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            sync(device)
+            times.append(time.perf_counter() - started)
+    return times
+
+
 def seed_recipe(data: ImageList, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """The seed's loop: requires_grad=False on features, Adam on the head, fp32, every epoch in full."""
     torch.manual_seed(0)
@@ -128,23 +154,9 @@ def seed_recipe(data: ImageList, args: argparse.Namespace, device: torch.device)
         num_workers=workers(args),
         pin_memory=device.type == "cuda",
     )
-    loss_fn = nn.CrossEntropyLoss()
     reset_peak(device)
-    sync(device)
     started = time.perf_counter()
-    epoch_times = []
-    with strict_fp32():
-        for _ in range(args.epochs):
-            epoch_started = time.perf_counter()
-            model.train()
-            for images, labels in loader:
-                images, labels = images.to(device), labels.to(device)
-                loss = loss_fn(model(images), labels)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            sync(device)
-            epoch_times.append(time.perf_counter() - epoch_started)
+    epoch_times = seed_epochs(model, optimizer, loader, device, args.epochs)
     wall = time.perf_counter() - started
     return {
         "wall_s": wall,
@@ -220,21 +232,7 @@ def fine_tune(
     if compiled is None:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, pin_memory=device.type == "cuda")
-        loss_fn = nn.CrossEntropyLoss()
-        epoch_s = []
-        with strict_fp32():
-            for _ in range(2):
-                sync(device)
-                started = time.perf_counter()
-                model.train()
-                for images, labels in loader:
-                    images, labels = images.to(device), labels.to(device)
-                    loss = loss_fn(model(images), labels)
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                sync(device)
-                epoch_s.append(time.perf_counter() - started)
+        epoch_s = seed_epochs(model, optimizer, loader, device, 2)
         return {"img_s": len(data) / epoch_s[-1], "peak_mem_gb": peak_gb(device)}
     trainer = vt.Trainer(model, lr=1e-4, device=device, seed=0, progress=False, compile_model=compiled)
     trainer.fit(data, epochs=2, batch_size=args.batch_size, num_workers=0)

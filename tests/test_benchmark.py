@@ -12,6 +12,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run(script: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(ROOT / "benchmarks" / script), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 @pytest.mark.slow
 def test_benchmark_script_runs_and_reports_every_phase(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
@@ -33,13 +40,7 @@ def test_benchmark_script_runs_and_reports_every_phase(tmp_path: Path) -> None:
         "--out",
         str(out),
     ]
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "seed_vs_vggtransfer.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
+    result = _run("seed_vs_vggtransfer.py", args)
     assert "vggtransfer (fp32): **speed-up of the frozen run** |" in result.stdout
     assert "vggtransfer (fp32): **speed-up of full fine-tuning** |" in result.stdout
     data = json.loads(out.read_text())
@@ -52,13 +53,7 @@ def test_end_to_end_script_times_every_phase_from_files_to_checkpoint(tmp_path: 
     out = tmp_path / "e2e.json"
     args = ["--files", "24", "--image-size", "32", "--epochs", "2", "--arch", "vgg11", "--device", "cpu"]
     args += ["--workers", "0", "--photos", str(tmp_path / "none"), "--out", str(out)]
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "end_to_end.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
+    result = _run("end_to_end.py", args)
     data = json.loads(out.read_text())
     phases = ["import_s", "scan_s", "model_s", "fit_s", "checkpoint_s"]
     assert data["total_s"] == pytest.approx(sum(data[p] for p in phases))
