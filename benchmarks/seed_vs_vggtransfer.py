@@ -7,7 +7,8 @@ The seed recipe (frozen VGG16_bn features, new 25088-500-2 head, Adam, fp32; str
 without TF32) recomputes the frozen feature pass every epoch. vggtransfer computes it once
 (feature caching), trains the head on the cached features with a fused optimizer, and on GPUs
 uses bf16 autocast and channels_last; --compile adds compile_features and compile_model. Both
-read the same JPEG files through the same preprocessing, with the same batch size and loader
+read the same JPEG files with the same preprocessing settings (the seed through torchvision's
+classic Pillow transforms, vggtransfer through imagenet_transform), batch size and loader
 workers. Full fine-tuning is timed on preprocessed tensors in memory (compute, not decoding):
 the seed's plain loop against Trainer.fit. Weights are random (weights=None): speed does not
 depend on their values.
@@ -38,6 +39,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchvision import transforms
 
 import vggtransfer as vt
 from vggtransfer._device import resolve_device
@@ -147,8 +149,18 @@ def seed_recipe(data: ImageList, args: argparse.Namespace, device: torch.device)
     for param in model.features.parameters():
         param.requires_grad = False
     optimizer = torch.optim.Adam(model.classifier.parameters(), lr=1e-3)
+    # The seed's own preprocessing: torchvision's classic transforms, resizing with Pillow.
+    resize = max(args.size, round(args.size * 256 / 224))
+    seed_transform = transforms.Compose(
+        [
+            transforms.Resize(resize),
+            transforms.CenterCrop(args.size),
+            transforms.ToTensor(),
+            transforms.Normalize(vt.IMAGENET_MEAN, vt.IMAGENET_STD),
+        ]
+    )
     loader = DataLoader(
-        data,
+        data.with_transform(seed_transform),
         batch_size=args.batch_size,
         shuffle=True,
         num_workers=workers(args),

@@ -71,6 +71,9 @@ def cache_limit_bytes() -> int:
 
 # The files of one cache entry, beside ``KEY.bin``; ``.json`` is written last and marks it complete.
 _ENTRY_SUFFIXES = (".bin", ".json", ".targets.pt", ".tmp")
+# Bumped whenever preprocessing changes pixels for the same settings, so that disk caches written
+# by an older vggtransfer are not reused: 2 = PIL images resized as tensors.
+_PIXELS_VERSION = 2
 _KEY_NAME = re.compile(r"[0-9a-f]{32}")  # cache_key() and one-off names: 32 hex digits
 _STALE_TMP_S = 24 * 3600  # a .tmp this old is from a run that was killed, not one still writing
 
@@ -325,6 +328,5 @@ def cache_key(model: nn.Module, data: Dataset[Any], precision: str) -> str | Non
     if data_part is None:
         return None
     head_name = _locate(model, "cache_features").name
-    return hashlib.sha256(f"{backbone_key(model)}|{data_part}|{head_name}|{precision}".encode()).hexdigest()[
-        :32
-    ]
+    key = f"{backbone_key(model)}|{data_part}|{head_name}|{precision}|{_PIXELS_VERSION}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
