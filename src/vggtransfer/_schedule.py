@@ -26,11 +26,12 @@ _SHARED_KEYS = ("max_momentum", "base_momentum")
 def adopt_new_group(scheduler: Any, optimizer: torch.optim.Optimizer, *, like: int = 0) -> None:
     """Extend ``scheduler`` to the last group of ``optimizer``, modelled on group ``like``.
 
-    Afterwards the new group's learning rate is always ``ratio`` times group ``like``'s, where
+    Afterwards the new group's learning rate is ``ratio`` times group ``like``'s, where
     ``ratio`` is the two groups' ratio right now: the new group keeps the rate it was added
-    with and is then decayed, warmed up or cycled by the same factors. Schedulers nested in
-    ``SequentialLR`` and ``ChainedScheduler`` are extended too. Does nothing for a scheduler
-    that already covers every group.
+    with and is then decayed, warmed up or cycled by the same factors. (Exactly so for
+    multiplicative schedules; an absolute floor such as CosineAnnealingLR's ``eta_min`` is
+    shared, not scaled.) Schedulers nested in ``SequentialLR`` and ``ChainedScheduler`` are
+    extended too. Does nothing for a scheduler that already covers every group.
     """
     groups = optimizer.param_groups
     new, model = groups[-1], groups[like]
