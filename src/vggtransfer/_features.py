@@ -94,37 +94,39 @@ def prune_caches(folder: Path, *, keep: Path, limit_bytes: int) -> list[Path]:
             entries.setdefault(stem, []).append(path)
     deleted: list[Path] = []
     now = time.time()
-
-    def stat_or_none(path: Path) -> os.stat_result | None:
-        try:
-            return path.stat()
-        except OSError:  # deleted by a concurrent run
-            return None
-
+    keep_stem = keep.name.split(".", 1)[0]
+    total = 0
     complete = []
     for stem, files in entries.items():
-        if stem == keep.name.split(".", 1)[0]:
-            continue
-        description = folder / f"{stem}.json"
-        stat = stat_or_none(description)
-        if stat is None:  # no .json: being written, or left by a killed run
-            for path in files:
-                file_stat = stat_or_none(path)
-                if file_stat is not None and now - file_stat.st_mtime > _STALE_TMP_S:
-                    deleted += _unlink([path])
-            continue
-        size = sum(st.st_size for st in map(stat_or_none, files) if st is not None)
-        complete.append((stat.st_mtime, size, files))
-    keep_size = sum(
-        st.st_size for st in map(stat_or_none, keep.parent.glob(keep.stem + ".*")) if st is not None
-    )
-    total = keep_size + sum(size for _, size, _ in complete)
-    for _, size, files in sorted(complete, key=lambda entry: entry[0]):
+        size = sum(_size(path) for path in files)
+        used = _mtime_or_none(folder / f"{stem}.json")
+        if stem == keep_stem:
+            total += size
+        elif used is None:  # no .json: being written now, or left by a killed run
+            deleted += _unlink([p for p in files if now - (_mtime_or_none(p) or now) > _STALE_TMP_S])
+        else:
+            complete.append((used, size, files))
+            total += size
+    for _, size, files in sorted(complete, key=lambda entry: entry[0]):  # least recently used first
         if total <= limit_bytes:
             break
         deleted += _unlink(files)
         total -= size
     return deleted
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # deleted by a concurrent run
+        return 0
+
+
+def _mtime_or_none(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # missing, or deleted by a concurrent run
+        return None
 
 
 def _unlink(paths: list[Path]) -> list[Path]:
