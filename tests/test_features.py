@@ -197,6 +197,19 @@ def test_disk_caches_are_pruned_to_the_limit_and_one_off_caches_removed(
     assert {p.name.split(".")[0] for p in cache.iterdir()} == {second_entry}
 
 
+def test_malformed_cache_limit_is_refused_before_the_feature_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VGGTRANSFER_CACHE_LIMIT_GB", "lots")
+    t = trainer(cache_dir=tmp_path / "cache")
+    with pytest.raises(
+        ValueError,
+        match=r"VGGTRANSFER_CACHE_LIMIT_GB must be a number of gigabytes \(like 50 or 0\.5\) but is 'lots'",
+    ):
+        t.fit(blobs(16), epochs=1, batch_size=8, num_workers=0)
+    assert t.epoch == 0 and not (tmp_path / "cache").exists()
+
+
 def test_evaluate_uses_cached_features_only_when_present() -> None:
     t = trainer()
     val = blobs(16, seed=7)

@@ -48,6 +48,7 @@ __all__ = [
     "compute_features",
     "data_key",
     "default_cache_dir",
+    "drop_cache",
     "prune_caches",
 ]
 
@@ -113,6 +114,14 @@ def prune_caches(folder: Path, *, keep: Path, limit_bytes: int) -> list[Path]:
         deleted += _unlink(files)
         total -= size
     return deleted
+
+
+def drop_cache(store: Path) -> None:
+    """Unlink the files of the cache ``store``; a memory map still open keeps its data until released."""
+    for path in (store, store.with_suffix(".json"), store.with_suffix(".targets.pt")):
+        # Windows refuses to unlink mapped files: pruning removes them later.
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _size(path: Path) -> int:

@@ -8,7 +8,6 @@ progress output in ``_progress``, random streams in ``_rng``, the file format in
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -45,6 +44,7 @@ from ._features import (
     cacheability,
     compute_features,
     default_cache_dir,
+    drop_cache,
     open_features,
     prune_caches,
 )
@@ -124,8 +124,8 @@ class Trainer:
             ``torch.compile``: the model's when training on images, the head's when training
             on cached features. The speed-up is for GPUs: full fine-tuning of VGG16 was
             measured 1.5x faster compiled on an H200 (bf16, in the figures that led to this
-            option; not yet re-measured here); on CPUs compiling costs more than it saves. The first
-            step of a fit compiles (about a minute for VGG16), and again after
+            option; not yet re-measured here); on CPUs compiling costs more than it saves.
+            The first step of a fit compiles (about a minute for VGG16), and again after
             :meth:`unfreeze_features`. Dropout uses the same random numbers as without
             compiling, so results agree with an uncompiled run within float tolerance.
 
@@ -353,23 +353,17 @@ class Trainer:
 
     def _step_module(self, module: nn.Module, *, training: bool) -> nn.Module:
         """What computes a step's logits: DDP-wrapped for training under torchrun, compiled if asked."""
-        if training:
-            module = self._parallel(module)
+        if training and self.world_size > 1:
+            # Built per fit, so that it covers exactly the parameters that train now (after an
+            # unfreeze, the features too); frozen parameters are left out by DDP itself.
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            module = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
         if self.compile_model:
             # fallback_random: dropout draws the same random numbers as without compiling, so the
             # results match eager ones within float tolerance and resuming stays bit-exact.
             # torch.compile caches the generated code per module, so later fits reuse it.
             module = torch.compile(module, options={"fallback_random": True})  # type: ignore[assignment]
         return module
-
-    def _parallel(self, module: nn.Module) -> nn.Module:
-        """``module`` wrapped in DistributedDataParallel under torchrun, for training steps."""
-        if self.world_size == 1:
-            return module
-        # Built per fit, so that it covers exactly the parameters that train now (after an
-        # unfreeze, the features too); frozen parameters are left out by DDP itself.
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
     def _cached(
         self, data: Dataset[Any], batch_size: int, num_workers: int | None, what: str, compute: bool
@@ -418,7 +412,7 @@ class Trainer:
             )
             if store.exists():  # went to disk
                 if key is None:  # no later run can find it: drop the names now, the mapping stays
-                    _drop_one_off_cache(store)
+                    drop_cache(store)
                 prune_caches(folder, keep=store, limit_bytes=limit)
             if self.world_size > 1:
                 total = len(data)  # type: ignore[arg-type]
@@ -882,14 +876,6 @@ def _check_sample(sample: Any, what: str) -> None:
             f"{what}: expected the label of each sample to be an int class index but the first one "
             f"is a {type(label).__name__}"
         )
-
-
-def _drop_one_off_cache(store: Path) -> None:
-    """Unlink a disk cache that has no key; the open memory map keeps its data until released."""
-    for path in (store, store.with_suffix(".json"), store.with_suffix(".targets.pt")):
-        # Windows refuses to unlink mapped files: pruning removes them later.
-        with contextlib.suppress(OSError):
-            path.unlink()
 
 
 def _memory_budget(device: torch.device) -> int:
