@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision import transforms
 
 import vggtransfer as vt
-from vggtransfer._device import resolve_device
+from vggtransfer._runtime import resolve_device
 from vggtransfer._sources import default_workers
 from vggtransfer.data import DogsVsCats, ImageList
 

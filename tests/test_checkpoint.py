@@ -18,7 +18,7 @@ from torchvision.models import ResNet18_Weights
 
 import vggtransfer as vt
 from helpers import blobs, trainer, vgg, weights_equal
-from vggtransfer._checkpoint import atomic_save
+from vggtransfer._checkpoint_file import atomic_save
 
 
 def _fit(t: vt.Trainer, epochs: int) -> None:

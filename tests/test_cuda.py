@@ -28,7 +28,7 @@ def test_defaults_on_cuda_are_bf16_channels_last_and_features_stay_on_the_gpu() 
     history = t.fit(blobs(), blobs(16, seed=7), epochs=3, batch_size=16, num_workers=0)
     assert history["train_loss"][-1] < history["train_loss"][0]
     assert t.cache_report["fit(train)"] == "on"
-    assert all(fs.features.device.type == "cuda" for fs in t._feature_sets.values())
+    assert all(fs.features.device.type == "cuda" for fs in t._cache.sets.values())
 
 
 def test_bf16_on_cuda_agrees_with_fp32_on_cpu() -> None:

@@ -50,7 +50,7 @@ def test_auto_caches_frozen_backbone_with_deterministic_data() -> None:
     assert t.cache_report == {"fit(train)": "on", "fit(val)": "on"}
     _fit(t, 2)  # the next fit reuses the features
     assert t.cache_report == {"fit(train)": "on (reused)", "fit(val)": "on (reused)"}
-    assert len(t._feature_sets) == 2
+    assert len(t._cache.sets) == 2
 
 
 def test_append_classifier_caches_the_whole_frozen_net() -> None:
@@ -58,7 +58,7 @@ def test_append_classifier_caches_the_whole_frozen_net() -> None:
     t = vt.Trainer(model, device="cpu", progress=False, seed=0)
     _fit(t, 1)
     assert t.cache_report["fit(train)"] == "on"
-    features = next(iter(t._feature_sets.values())).features
+    features = next(iter(t._cache.sets.values())).features
     assert features.shape == (48, 1000)  # the net's logits are the head's input
 
 
@@ -92,6 +92,32 @@ def test_auto_refuses_augmentation(pet_folders: Path) -> None:
     plain = augmented.with_transform(vt.imagenet_transform(size=32))
     t.fit(plain, epochs=2, batch_size=3, num_workers=0)
     assert t.cache_report["fit(train)"] == "on"
+    # Forcing the cache cannot override what vggtransfer knows: one augmentation replayed every
+    # epoch is not augmentation.
+    forced = trainer(class_names=None, cache_features=True)
+    with pytest.raises(ValueError) as error:
+        forced.fit(augmented, epochs=1, batch_size=3, num_workers=0)
+    assert str(error.value) == (
+        "fit(train): cache_features=True, but the transform augments randomly (train=True); "
+        "caching would change the results"
+    )
+    assert forced.epoch == 0 and forced.cache_report == {}
+
+
+class _WithTransform(torch.utils.data.Dataset):
+    """Tensors passed through a transform vggtransfer cannot inspect (or no transform attribute)."""
+
+    def __init__(self, inner: torch.utils.data.Dataset, transform=None, *, has_attribute: bool = True) -> None:
+        self.inner = inner
+        if has_attribute:
+            self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        image, label = self.inner[index]
+        return (self.transform(image) if getattr(self, "transform", None) else image), label
 
 
 def test_auto_refuses_dataloaders_and_unknown_transforms() -> None:
@@ -101,6 +127,21 @@ def test_auto_refuses_dataloaders_and_unknown_transforms() -> None:
         t.cache_report["fit(train)"]
         == "off: a DataLoader was given (its order and batching are its own); pass the Dataset instead"
     )
+    t.fit(_WithTransform(blobs(16), nn.Identity()), epochs=2, batch_size=8, num_workers=0)
+    assert t.cache_report["fit(train)"] == (
+        "off: the transform Identity is not a vggtransfer ImageTransform, so it may be random; "
+        "pass cache_features=True if it is deterministic"
+    )
+    t.fit(_WithTransform(blobs(16), has_attribute=False), epochs=3, batch_size=8, num_workers=0)
+    assert t.cache_report["fit(train)"] == (
+        "off: cannot tell whether _WithTransform returns the same tensors every epoch"
+    )
+    # cache_features=True trusts what it cannot inspect, but still needs a Dataset.
+    forced = trainer(cache_features=True)
+    forced.fit(_WithTransform(blobs(16), nn.Identity()), epochs=1, batch_size=8, num_workers=0)
+    assert forced.cache_report["fit(train)"] == "on"
+    with pytest.raises(ValueError, match=r"^fit\(train\): cache_features=True needs a Dataset, but a DataLoader"):
+        forced.fit(DataLoader(blobs(16), batch_size=8), epochs=2)
 
 
 def test_forced_caching_with_unfrozen_backbone_is_an_error() -> None:
@@ -139,17 +180,13 @@ def test_cache_invalidated_when_weights_transform_or_data_change(
         t.model.features[0].weight.mul_(1.5)
     t.fit(changed, epochs=5, batch_size=3, num_workers=0)
     assert t.cache_report["fit(train)"] == "on"
-    assert len(t._feature_sets) == 4
+    assert len(t._cache.sets) == 4
 
 
 def test_features_past_the_memory_budget_go_to_a_reusable_disk_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import vggtransfer._trainer as trainer_module
-
-    monkeypatch.setattr(
-        trainer_module, "_memory_budget", lambda device: 1024
-    )  # bytes: everything is "too big"
+    monkeypatch.setenv("VGGTRANSFER_CACHE_MEMORY_GB", "0")  # everything to disk
     plain = trainer(cache_features=False)
     on_disk = trainer(cache_dir=tmp_path / "cache")
     h_plain, h_disk = _fit(plain), _fit(on_disk)
@@ -178,9 +215,7 @@ class _Opaque(torch.utils.data.Dataset):
 def test_disk_caches_are_pruned_to_the_limit_and_one_off_caches_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import vggtransfer._trainer as trainer_module
-
-    monkeypatch.setattr(trainer_module, "_memory_budget", lambda device: 1024)  # everything to disk
+    monkeypatch.setenv("VGGTRANSFER_CACHE_MEMORY_GB", "0")  # everything to disk
     monkeypatch.setenv("VGGTRANSFER_CACHE_LIMIT_GB", str(1.5 * 16 * 25088 * 4 / 1e9))  # room for one
     cache = tmp_path / "cache"
     first, second = trainer(cache_dir=cache), trainer(cache_dir=cache)
@@ -270,16 +305,16 @@ def test_compiled_feature_pass_matches_eager_and_follows_weight_changes() -> Non
     data = blobs(16)
     eager.fit(data, epochs=1, batch_size=8, num_workers=0)
     compiled.fit(data, epochs=1, batch_size=8, num_workers=0)
-    (a,), (b,) = eager._feature_sets.values(), compiled._feature_sets.values()
+    (a,), (b,) = eager._cache.sets.values(), compiled._cache.sets.values()
     assert torch.allclose(a.features, b.features, rtol=1e-4, atol=1e-5)
     # BatchNorm is folded into the convolutions as constants: new weights must recompile.
     for t in (eager, compiled):
         with torch.no_grad():
             t.model.features[1].running_mean.add_(0.5)
         t.fit(data, epochs=2, batch_size=8, num_workers=0)
-    a2 = list(eager._feature_sets.values())[-1]  # recomputed for the new statistics
-    b2 = list(compiled._feature_sets.values())[-1]
-    assert len(compiled._feature_sets) == 2
+    a2 = list(eager._cache.sets.values())[-1]  # recomputed for the new statistics
+    b2 = list(compiled._cache.sets.values())[-1]
+    assert len(compiled._cache.sets) == 2
     assert not torch.allclose(a.features, a2.features)
     assert torch.allclose(a2.features, b2.features, rtol=1e-4, atol=1e-5)
 
@@ -364,7 +399,7 @@ def _fake_entry(folder: Path, stem: str, size: int, used: float) -> list[Path]:
 
 
 def test_pruning_deletes_least_recently_used_caches_beyond_the_limit(tmp_path: Path) -> None:
-    from vggtransfer._features import open_features, prune_caches
+    from vggtransfer._feature_store import open_features, prune_caches
 
     now = time.time()
     old, middle, new = ("a" * 32, "b" * 32, "c" * 32)

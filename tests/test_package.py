@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
 import runpy
@@ -72,3 +73,58 @@ def test_import_is_light() -> None:
     code = "import sys, vggtransfer; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False"]
+
+
+def _code_lines(node: ast.AST, source: list[str]) -> int:
+    """Lines of ``node`` that hold code: not blank, not only a comment, not its docstring."""
+    body = getattr(node, "body", [])
+    skip: set[int] = set()
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        skip = set(range(body[0].lineno, body[0].end_lineno + 1))  # type: ignore[operator]
+    lines = range(node.lineno, node.end_lineno + 1)  # type: ignore[attr-defined]
+    return sum(1 for n in lines if n not in skip and source[n - 1].strip() and not source[n - 1].strip().startswith("#"))
+
+
+def test_size_limits_keep_the_trainer_a_short_loop() -> None:
+    # The design rule of issue 10: collaborators in their own modules, a loop that fits on a screen.
+    src = ROOT / "src" / "vggtransfer"
+    trainer_file = src / "_trainer.py"
+    assert len(trainer_file.read_text(encoding="utf-8").splitlines()) <= 500
+    too_long = []
+    for path in sorted(src.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                count = _code_lines(node, lines)
+                limit = 30 if (path == trainer_file and node.name == "fit") else 60
+                if count > limit:
+                    too_long.append(f"{path.name}:{node.name} has {count} code lines (limit {limit})")
+    assert too_long == []
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    offenders = []
+    for path in sorted((ROOT / "src" / "vggtransfer").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                offenders += [f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert offenders == []
+
+
+def test_module_all_lists_name_what_the_module_defines_and_others_import() -> None:
+    import importlib
+
+    src = ROOT / "src" / "vggtransfer"
+    imported: dict[str, set[str]] = {}
+    for path in sorted(src.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                imported.setdefault(node.module, set()).update(a.name for a in node.names)
+    problems = []
+    for module_name, names in sorted(imported.items()):
+        module = importlib.import_module(f"vggtransfer.{module_name}")
+        listed = set(getattr(module, "__all__", ()))
+        problems += [f"{module_name}.__all__ lacks {n}" for n in sorted(names - listed)]
+        problems += [f"{module_name}.__all__ names missing {n}" for n in sorted(listed) if not hasattr(module, n)]
+    assert problems == []

@@ -12,17 +12,24 @@ Build a pretrained model, freeze its features, give it a new head::
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._checkpoint import FORMAT_VERSION, CheckpointError
+from ._checkpoint import LoadedModel, load_model
+from ._checkpoint_file import FORMAT_VERSION, CheckpointError
 from ._distributed import is_main_process
 from ._early_stopping import EarlyStopping
 from ._freeze import BatchNormPolicy, feature_extractor, freeze_features, unfreeze_features
-from ._heads import HEAD_ATTRIBUTES, append_classifier, find_classifier, replace_classifier
+from ._heads import (
+    HEAD_ATTRIBUTES,
+    AppendedClassifier,
+    append_classifier,
+    find_classifier,
+    replace_classifier,
+)
 from ._history import History
 from ._images import to_rgb
 from ._models import WeightsNotAvailableError, cached_weights_path, classification_models, create_model
 from ._predict import Prediction
 from ._spec import build_spec
-from ._trainer import LoadedModel, Trainer, load_model
+from ._trainer import Trainer
 from ._transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, imagenet_transform, unnormalize
 
 try:
@@ -35,6 +42,7 @@ __all__ = [
     "HEAD_ATTRIBUTES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "AppendedClassifier",
     "BatchNormPolicy",
     "CheckpointError",
     "EarlyStopping",

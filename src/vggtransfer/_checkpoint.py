@@ -1,181 +1,364 @@
-"""The checkpoint file format: atomic writes, safe reads, validation before anything is loaded.
+"""Checkpoints of a training run: what they hold, what loading checks, the files ``fit`` keeps.
 
-A checkpoint is one ``torch.save`` file holding a dict of plain data and CPU tensors only, so it
-loads with ``torch.load(..., weights_only=True)``::
-
-    format           "vggtransfer.checkpoint"
-    format_version   1
-    model            state dict (all entries, or only the trainable ones when head_only)
-    head_only        bool
-    backbone_sha256  fingerprint of the frozen entries left out (head_only only)
-    build            how vggtransfer built the model (arch, weights, head, freeze), or {}
-    class_names      list of str, or None
-    transform        ImageTransform settings, or None
-    trainer          epoch, global_step, seed, optimizer/scheduler/scaler state, history,
-                     early stopping, RNG states, precision, unfreeze learning rate
-
-docs/checkpoints.md describes every field.
+A checkpoint is built by :func:`make_payload` from explicit parts (the network, the training
+objects, the run's counters) and written by ``_checkpoint_file``. Reading one back for a resume
+(:func:`read_resume`) checks everything against the Trainer that will receive it (architecture,
+classes, weights' keys and shapes, NaN, the optimizer's groups) and only then hands over a
+:class:`ResumePoint`; :func:`load_model` rebuilds a model for inference. :class:`EpochFiles` is
+the folder of ``last.pt``, ``best.pt`` and ``interrupted.pt``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
+import copy
 import os
-import pickle
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from ._freeze import _HOOK_ATTR
-from ._state_dict import strip_wrapper_prefixes
+from ._checkpoint_file import FORMAT, FORMAT_VERSION, CheckpointError, check_finite, read_checkpoint, to_cpu
+from ._early_stopping import BestTracker
+from ._freeze import frozen_keys
+from ._heads import output_count
+from ._history import History
+from ._models import rebuild_model
+from ._progress import Progress
+from ._rng import capture_rng
+from ._runtime import resolve_device
+from ._spec import build_spec
+from ._state_dict import cpu_state_dict, fingerprint, merge_into, state_dict_differences
+from ._transforms import ImageTransform, default_transform
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "atomic_save", "read_checkpoint"]
-
-FORMAT = "vggtransfer.checkpoint"
-#: Incremented when the layout changes; files with a newer version are refused, not guessed at.
-FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is unreadable, unsafe, of an unknown version, or does not fit the model.
-
-    The message says what differs. Nothing has been loaded when it is raised.
-    """
-
-
-def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``obj`` with ``torch.save`` so that ``path`` always holds a complete file.
-
-    The data goes to a temporary file in the same folder, is flushed and fsynced, and then
-    replaces ``path`` with ``os.replace`` (atomic on POSIX and Windows). A process killed at any
-    instant leaves either the previous file or the new one, never a torn one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        # mkstemp creates the file readable by its owner only; give it the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_directory(path.parent)
-    return path
+__all__ = [
+    "EpochFiles",
+    "LoadedModel",
+    "ResumePoint",
+    "TrainingObjects",
+    "check_savable",
+    "load_model",
+    "make_payload",
+    "read_resume",
+]
 
 
-def _fsync_directory(folder: Path) -> None:
-    # Makes the rename itself durable across a power cut; not supported on every platform.
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+@dataclass
+class TrainingObjects:
+    """The stateful objects a resume restores beyond the weights."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    best: BestTracker
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check a checkpoint file with the safe unpickler, tensors onto the CPU.
-
-    ``weights_only=True`` is passed explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot
-    turn it off, and there is no fallback to the full unpickler.
+def check_savable(network: nn.Module, *, head_only: bool) -> None:
+    """Refuse to save weights that cannot be loaded back usefully, before anything is written.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        CheckpointError: the file is not a vggtransfer checkpoint of a known version, is
-            truncated, or contains objects that need the full unpickler.
+        CheckpointError: NaN or infinite weights, or ``head_only`` for a backbone that
+            cannot be rebuilt.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if head_only and not build_spec(network).get("weights"):
         raise CheckpointError(
-            f"refusing to load checkpoint {str(path)!r}: it contains objects that only the full "
-            f"pickle loader can build, which could run arbitrary code ({first}). vggtransfer "
-            f"checkpoints hold plain data and tensors only; this file was not written by "
-            f"vggtransfer or has been tampered with"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(
-            f"cannot read checkpoint {str(path)!r}: {exc}. The file is truncated or not a PyTorch file"
-        ) from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise CheckpointError(
-            f"{str(path)!r} is not a vggtransfer checkpoint (format {found!r}, expected {FORMAT!r}); "
-            f"for a plain state dict use vt.create_model(arch, weights=path)"
+            "save_checkpoint: head_only=True needs a backbone that can be rebuilt from pretrained "
+            "weights, but this model was not built by vt.create_model with weights; save a full "
+            "checkpoint (head_only=False)"
         )
-    version = data.get("format_version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} has format version {version!r}, but this vggtransfer reads "
-            f"versions 1 to {FORMAT_VERSION}; upgrade vggtransfer to read it"
+    check_finite(network.state_dict(), what="save_checkpoint: the model")
+
+
+def make_payload(
+    network: nn.Module,
+    *,
+    head_only: bool,
+    counters: dict[str, Any],
+    class_names: list[str] | None,
+    transform: Any,
+    extra: dict[str, Any],
+    objects: TrainingObjects | None,
+) -> dict[str, Any]:
+    """The checkpoint's content: plain data and CPU tensors only.
+
+    Args:
+        network: The unwrapped model.
+        head_only: Leave out the frozen entries, recording their fingerprint instead.
+        counters: The run's plain fields: epoch, global_step, interrupted, seed, lr,
+            precision, unfreeze_lr, history (as a dict).
+        class_names: Names in output order, or None.
+        transform: The Trainer's transform; recorded when it is an :class:`ImageTransform`.
+        extra: The user's plain data.
+        objects: The training objects to resume from; None for a deployment file.
+    """
+    spec = build_spec(network)
+    skip = frozen_keys(network) if head_only else set()
+    trainer: dict[str, Any] = {**counters, "resumable": objects is not None}
+    if objects is not None:
+        trainer.update(
+            optimizer=to_cpu(objects.optimizer.state_dict()),
+            scheduler=to_cpu(objects.scheduler.state_dict()) if objects.scheduler is not None else None,
+            scaler=objects.scaler.state_dict(),
+            best=to_cpu(objects.best.state_dict()),
+            rng=capture_rng(),
         )
-    for key, kind in (("model", Mapping), ("build", Mapping), ("trainer", Mapping), ("head_only", bool)):
-        if not isinstance(data.get(key), kind):
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": cpu_state_dict(network, skip=skip),
+        "head_only": head_only,
+        "backbone_sha256": fingerprint(network.state_dict(), skip) if head_only else None,
+        "build": spec,
+        "class_names": class_names,
+        "transform": transform.to_dict() if isinstance(transform, ImageTransform) else None,
+        "extra": copy.deepcopy(extra),
+        "trainer": trainer,
+    }
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A checkpoint checked against the Trainer that will resume from it.
+
+    ``unfreeze_lr`` is set when the checkpoint was saved after fine-tuning started and the
+    Trainer has not unfrozen yet: it must do so (at that rate) before applying the rest.
+    """
+
+    model: dict[str, torch.Tensor]
+    unfreeze_lr: float | None
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None
+    scaler: dict[str, Any] | None
+    best: dict[str, Any]
+    rng: dict[str, Any]
+    epoch: int
+    global_step: int
+    seed: int
+    history: History
+    class_names: list[str] | None
+    transform: ImageTransform | None
+    extra: dict[str, Any]
+
+    def apply(self, network: nn.Module, objects: TrainingObjects) -> None:
+        """Load the weights and the training objects' states (after any unfreezing)."""
+        merge_into(network, self.model)
+        objects.optimizer.load_state_dict(self.optimizer)
+        if objects.scheduler is not None and self.scheduler is not None:
+            objects.scheduler.load_state_dict(self.scheduler)
+        if self.scaler:
+            objects.scaler.load_state_dict(self.scaler)
+        objects.best.load_state_dict(self.best)
+
+
+def read_resume(
+    path: str | os.PathLike[str],
+    *,
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    class_names: list[str] | None,
+    unfrozen: bool,
+) -> ResumePoint:
+    """Read ``path`` and check it fits ``network`` and ``optimizer``; nothing is changed.
+
+    Raises:
+        CheckpointError: unreadable or unsafe file, unknown format version, other
+            architecture, other class count or names, a deployment file, missing or
+            unexpected weights, shape mismatches, NaN weights, or an optimizer of another shape.
+    """
+    source = str(path)
+    data = read_checkpoint(path)
+    _check_identity(data, network, class_names, source=source)
+    saved = data["trainer"]
+    if not saved.get("resumable", False):
+        raise CheckpointError(
+            f"checkpoint {source!r} was saved for deployment (training_state=False): it has "
+            f"no optimizer or random states to resume from. Load it with vt.load_model(path)"
+        )
+    saved_unfreeze = saved.get("unfreeze_lr")
+    if saved_unfreeze is None and unfrozen:
+        raise CheckpointError(
+            f"checkpoint {source!r} was saved before the features were unfrozen, but this "
+            f"Trainer has already unfrozen them; load it into a Trainer built like the original"
+        )
+    needs_unfreeze = saved_unfreeze is not None and not unfrozen
+    target_frozen = set() if needs_unfreeze else frozen_keys(network)
+    _check_model_state(data, network, target_frozen if data["head_only"] else set(), source=source)
+    _check_optimizer_shape(optimizer, saved["optimizer"], network, needs_unfreeze, source=source)
+    settings = data.get("transform")
+    names = data.get("class_names")
+    return ResumePoint(
+        model=data["model"],
+        unfreeze_lr=float(saved_unfreeze) if needs_unfreeze else None,
+        optimizer=saved["optimizer"],
+        scheduler=saved.get("scheduler"),
+        scaler=saved.get("scaler"),
+        best=dict(saved["best"]),
+        rng=saved["rng"],
+        epoch=int(saved["epoch"]),
+        global_step=int(saved["global_step"]),
+        seed=int(saved["seed"]),
+        history=History.from_dict(saved["history"]),
+        class_names=list(names) if names is not None else None,
+        transform=ImageTransform.from_dict(settings) if settings is not None else None,
+        extra=dict(data.get("extra") or {}),
+    )
+
+
+def _check_identity(
+    data: dict[str, Any], network: nn.Module, class_names: list[str] | None, *, source: str
+) -> None:
+    saved_arch = data["build"].get("arch")
+    my_arch = build_spec(network).get("arch")
+    if saved_arch and my_arch and saved_arch != my_arch:
+        raise CheckpointError(
+            f"checkpoint {source!r} was saved from a {saved_arch!r} model but this model is a "
+            f"{my_arch!r}; build the same architecture (vt.create_model({saved_arch!r}, ...)) or use "
+            f"vt.load_model(path)"
+        )
+    saved_names = data.get("class_names")
+    outputs = output_count(network)
+    if saved_names is not None and len(saved_names) != outputs:
+        raise CheckpointError(
+            f"checkpoint {source!r} has {len(saved_names)} classes {saved_names} but this model has "
+            f"{outputs} outputs; build it with vt.replace_classifier(model, {len(saved_names)})"
+        )
+    if saved_names is not None and class_names is not None and list(saved_names) != list(class_names):
+        raise CheckpointError(
+            f"checkpoint {source!r} has classes {saved_names} but this Trainer has {class_names}; "
+            f"predictions would be misnamed"
+        )
+
+
+def _check_model_state(data: dict[str, Any], network: nn.Module, frozen: set[str], *, source: str) -> None:
+    state = data["model"]
+    current = network.state_dict()
+    if data["head_only"]:
+        if fingerprint(current, frozen) != data.get("backbone_sha256"):
             raise CheckpointError(
-                f"checkpoint {str(path)!r} is damaged: field {key!r} should be a {kind.__name__} "
-                f"but is {type(data.get(key)).__name__}"
+                f"checkpoint {source!r} holds only a head trained on a specific backbone "
+                f"({data['build'].get('arch')}, weights {data['build'].get('weights')}), and this "
+                f"model's frozen backbone differs from it; build the model with those weights"
             )
-    data["model"] = strip_wrapper_prefixes(data["model"])
-    return data
-
-
-def frozen_keys(model: nn.Module) -> set[str]:
-    """State-dict keys that ``freeze_features`` froze: never trained, so head-only files skip them.
-
-    A key is frozen when it is a parameter with ``requires_grad=False``, or a buffer (BatchNorm
-    statistics) of a module that ``freeze_features`` holds in evaluation mode.
-    """
-    keys = {name for name, param in model.named_parameters() if not param.requires_grad}
-    for module_name, module in model.named_modules():
-        if _HOOK_ATTR in module.__dict__:
-            prefix = f"{module_name}." if module_name else ""
-            keys.update(prefix + name for name, _ in module.named_buffers(recurse=False))
-    return keys & set(model.state_dict())
-
-
-def cpu_state_dict(model: nn.Module, *, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:  # type: ignore[assignment]
-    """``model.state_dict()`` as CPU copies (so a CUDA checkpoint loads anywhere), minus ``skip``."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k not in skip}
-
-
-def fingerprint(state: Mapping[str, torch.Tensor], keys: set[str]) -> str:
-    """SHA-256 over the names, shapes, dtypes and bytes of ``state[key]`` for ``keys``."""
-    digest = hashlib.sha256()
-    for key in sorted(keys):
-        tensor = state[key].detach().to("cpu")
-        digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        # reshape(-1): a 0-d tensor (num_batches_tracked) cannot be viewed as bytes
-        digest.update(tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def non_finite_entries(state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Names of floating-point entries holding NaN or infinity."""
-    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-
-
-def check_finite(state: Mapping[str, torch.Tensor], *, what: str) -> None:
-    """Raise CheckpointError if any floating-point tensor in ``state`` is NaN or infinite."""
-    bad = non_finite_entries(state)
-    if bad:
+        current = {k: v for k, v in current.items() if k not in frozen}
+    differences = state_dict_differences(current, state)
+    if differences:
         raise CheckpointError(
-            f"{what} holds NaN or infinite values in {len(bad)} tensors (first: {bad[0]}); "
-            f"refusing to use weights that would only produce NaN"
+            f"checkpoint {source!r} does not fit this model; nothing was loaded:\n  "
+            + "\n  ".join(differences)
         )
+    check_finite(state, what=f"checkpoint {source!r}")
+
+
+def _check_optimizer_shape(
+    optimizer: torch.optim.Optimizer,
+    saved: dict[str, Any],
+    network: nn.Module,
+    needs_unfreeze: bool,
+    *,
+    source: str,
+) -> None:
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if needs_unfreeze:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        sizes.append(sum(1 for p in network.parameters() if id(p) not in held))
+    saved_sizes = [len(group["params"]) for group in saved.get("param_groups", [])]
+    if sizes != saved_sizes:
+        raise CheckpointError(
+            f"checkpoint {source!r} holds optimizer state for parameter groups of sizes {saved_sizes} "
+            f"but this Trainer's optimizer would have {sizes}; build the Trainer with the same "
+            f"optimizer and freezing as the one that saved it"
+        )
+
+
+class EpochFiles:
+    """The checkpoints ``fit`` keeps in ``checkpoint_dir``.
+
+    ``last.pt`` after every epoch, ``best.pt`` after every epoch that improved the monitored
+    metric, and ``interrupted.pt`` on Ctrl-C (in the working directory when there is no folder).
+    """
+
+    def __init__(self, folder: str | os.PathLike[str] | None) -> None:
+        if folder is not None and not isinstance(folder, (str, os.PathLike)):
+            raise TypeError(
+                f"fit: expected checkpoint_dir to be a folder path (str or os.PathLike) or None but "
+                f"got {type(folder).__name__}"
+            )
+        self.folder = Path(folder) if folder is not None else None
+
+    def after_epoch(self, save: Callable[[Path], Path], *, improved: bool) -> None:
+        """Write ``last.pt``, and ``best.pt`` when the epoch improved; nothing without a folder."""
+        if self.folder is None:
+            return
+        save(self.folder / "last.pt")
+        if improved:
+            save(self.folder / "best.pt")
+
+    def interrupted(self, save: Callable[[Path], Path], progress: Progress) -> None:
+        """Write ``interrupted.pt`` and say where; NaN weights are reported, not saved."""
+        path = (self.folder or Path.cwd()) / "interrupted.pt"
+        try:
+            save(path)
+        except CheckpointError as exc:  # NaN weights: say so, but still stop as asked
+            progress.message(f"interrupted: no checkpoint written ({exc})")
+        else:
+            progress.message(
+                f"interrupted: saved a checkpoint to {path}; resume with trainer.load_checkpoint(path)"
+            )
+
+
+class LoadedModel(NamedTuple):
+    """What :func:`load_model` returns: unpack it as ``model, class_names, transform``."""
+
+    model: nn.Module
+    class_names: list[str] | None
+    transform: ImageTransform
+
+
+def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a checkpoint into a freshly built model, ready for inference.
+
+    The model is rebuilt from the checkpoint's build record (architecture, head, freeze
+    policy), so no training code or data is needed; a head-only checkpoint rebuilds the
+    pretrained backbone (from torchvision's cache or the recorded local file) and checks its
+    fingerprint before attaching the head.
+
+    Args:
+        path: A checkpoint written by :meth:`Trainer.save_checkpoint`.
+        device: Where to put the model.
+
+    Returns:
+        ``LoadedModel(model, class_names, transform)``: the model in eval mode, the class names
+        (or None), and the evaluation transform it was trained with.
+
+    Raises:
+        CheckpointError: the file is unreadable, unsafe, of an unknown version, or its content
+            does not fit the architecture it names.
+        WeightsNotAvailableError: a head-only checkpoint's backbone weights cannot be found.
+
+    Example:
+        >>> import tempfile, vggtransfer as vt
+        >>> model = vt.replace_classifier(vt.create_model("resnet18", weights=None), 2)
+        >>> trainer = vt.Trainer(model, device="cpu", class_names=["cat", "dog"], progress=False)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = trainer.save_checkpoint(f"{folder}/pets.pt", training_state=False)
+        ...     model, class_names, transform = vt.load_model(path)
+        >>> class_names, model.fc[-1].out_features, model.training
+        (['cat', 'dog'], 2, False)
+    """
+    target = resolve_device(device, "load_model")
+    data = read_checkpoint(path)
+    try:
+        network = rebuild_model(data["build"], pretrained=data["head_only"])
+    except ValueError as exc:
+        raise CheckpointError(f"cannot rebuild the model of checkpoint {str(path)!r}: {exc}") from None
+    frozen = frozen_keys(network) if data["head_only"] else set()
+    _check_model_state(data, network, frozen, source=str(path))
+    merge_into(network, data["model"])
+    settings = data.get("transform")
+    transform = (
+        ImageTransform.from_dict({**settings, "train": False}) if settings else default_transform(network)
+    )
+    names = data.get("class_names")
+    return LoadedModel(network.to(target).eval(), list(names) if names else None, transform)

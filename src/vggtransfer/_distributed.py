@@ -16,7 +16,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedEnv", "all_reduce_sum", "barrier", "detect", "is_main_process", "join"]
+__all__ = [
+    "DistributedEnv",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_state",
+    "detect",
+    "gather_rows",
+    "is_main_process",
+    "join",
+    "rank_and_world",
+]
 
 _LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 _RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT")

@@ -1,12 +1,18 @@
-"""Early stopping: stop when a monitored metric stops improving, and keep the best weights."""
+"""Best tracking and early stopping: the best epoch of a metric, its weights, when to stop."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-__all__ = ["EarlyStopping"]
+import torch
+from torch import nn
+
+from ._freeze import frozen_keys
+from ._state_dict import cpu_state_dict, merge_into
+
+__all__ = ["BestTracker", "EarlyStopping"]
 
 
 @dataclass(frozen=True)
@@ -70,3 +76,81 @@ class EarlyStopping:
         if self.direction == "min":
             return value < best - self.min_delta
         return value > best + self.min_delta
+
+
+class BestTracker:
+    """The best epoch so far of the monitored metric, the wait since, and its weights.
+
+    ``fit`` tells it what to watch (:meth:`watch`), feeds it every epoch's record
+    (:meth:`update`), asks whether to stop (:attr:`should_stop`) and finally restores the best
+    weights (:meth:`restore`). Without early stopping it still tracks the best epoch, which
+    decides when ``best.pt`` is written. Its state survives fits and checkpoints.
+    """
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+        self.epoch: int | None = None
+        self.wait = 0
+        self.state: dict[str, torch.Tensor] | None = None
+        self.rule = EarlyStopping()
+        self.stopping = False  # whether the rule may end fit (an EarlyStopping was given)
+
+    def watch(self, early_stopping: EarlyStopping | None, *, has_val: bool) -> None:
+        """Monitor ``early_stopping.monitor``, else ``val_loss``, else ``train_loss``.
+
+        Raises:
+            TypeError: ``early_stopping`` is not an :class:`EarlyStopping`.
+            ValueError: a validation metric is monitored but there is no validation data.
+        """
+        if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
+            raise TypeError(
+                f"fit: expected early_stopping to be a vt.EarlyStopping or None but got "
+                f"{type(early_stopping).__name__}; e.g. vt.EarlyStopping(monitor='val_loss', patience=3)"
+            )
+        rule = early_stopping or EarlyStopping(
+            monitor="val_loss" if has_val else "train_loss",
+            restore_best=False,  # tracking only
+        )
+        if rule.monitor.startswith("val_") and not has_val:
+            raise ValueError(
+                f"fit: early stopping monitors {rule.monitor!r} but no validation data was given; "
+                f"pass val=... or monitor a training metric, e.g. EarlyStopping(monitor='train_loss')"
+            )
+        self.rule, self.stopping = rule, early_stopping is not None
+
+    def update(self, record: dict[str, float], network: nn.Module) -> bool:
+        """Take an epoch's record; True when it is the best so far (its weights are then kept)."""
+        value = record[self.rule.monitor]
+        if not self.rule.improves(value, self.value):
+            self.wait += 1
+            return False
+        # Only the trained entries: frozen ones cannot have changed since.
+        self.state = cpu_state_dict(network, skip=frozen_keys(network)) if self.rule.restore_best else None
+        self.value, self.epoch, self.wait = value, int(record["epoch"]), 0
+        return True
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether early stopping's patience has run out."""
+        return self.stopping and self.wait > 0 and self.wait >= self.rule.patience
+
+    def stop_message(self) -> str:
+        """What ``fit`` prints when it stops early."""
+        return (
+            f"early stopping: {self.rule.monitor} has not improved for {self.rule.patience} epochs "
+            f"(best {self.value:.4f} at epoch {self.epoch})"
+        )
+
+    def restore(self, network: nn.Module) -> None:
+        """Load the best epoch's weights into ``network``, if early stopping asked for that."""
+        if self.stopping and self.rule.restore_best and self.state is not None:
+            merge_into(network, self.state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint stores: value, epoch, wait and the best weights (CPU tensors)."""
+        return {"value": self.value, "epoch": self.epoch, "wait": self.wait, "state": self.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (validated by the checkpoint reader)."""
+        self.value, self.epoch = state["value"], state["epoch"]
+        self.wait, self.state = int(state["wait"]), state["state"]

@@ -15,17 +15,26 @@ torchvision's; :func:`unfreeze_features` removes them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypeVar
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._heads import _locate, is_appended
+from ._heads import is_appended, locate_head
 from ._spec import record
 
-__all__ = ["feature_extractor", "freeze_features", "unfreeze_features"]
+__all__ = [
+    "BatchNormPolicy",
+    "feature_extractor",
+    "freeze_features",
+    "frozen_keys",
+    "held_in_eval",
+    "unfreeze_features",
+]
 
 BatchNormPolicy = Literal["frozen", "trainable"]
+
+M = TypeVar("M", bound=nn.Module)
 
 _HOOK_ATTR = "_vggtransfer_eval_hook"
 
@@ -64,12 +73,12 @@ def feature_extractor(model: nn.Module) -> tuple[list[nn.Module], list[nn.Parame
     features = getattr(model, "features", None)
     if isinstance(features, nn.Module):
         return [features], []
-    head = _locate(model, "freeze_features")
+    head = locate_head(model, "freeze_features")
     modules = [child for name, child in model.named_children() if name != head.name]
     return modules, list(model.parameters(recurse=False))
 
 
-def freeze_features(model: nn.Module, *, batchnorm: BatchNormPolicy = "frozen") -> nn.Module:
+def freeze_features(model: M, *, batchnorm: BatchNormPolicy = "frozen") -> M:
     """Freeze the feature extractor of ``model`` in place, BatchNorm included.
 
     Transfer learning trains a new head on top of features learnt on ImageNet. Freezing the
@@ -127,7 +136,7 @@ def freeze_features(model: nn.Module, *, batchnorm: BatchNormPolicy = "frozen") 
     return model
 
 
-def unfreeze_features(model: nn.Module) -> nn.Module:
+def unfreeze_features(model: M) -> M:
     """Undo :func:`freeze_features` in place, for a fine-tuning phase that trains every layer.
 
     The feature extractor's parameters get ``requires_grad=True`` again and its modules follow
@@ -157,3 +166,22 @@ def unfreeze_features(model: nn.Module) -> nn.Module:
         part.requires_grad_(True)
     record(model, freeze=None)
     return model
+
+
+def held_in_eval(module: nn.Module) -> bool:
+    """Whether :func:`freeze_features` holds ``module`` in evaluation mode (its own hook, not nested)."""
+    return _HOOK_ATTR in module.__dict__
+
+
+def frozen_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that ``freeze_features`` froze: never trained, so head-only files skip them.
+
+    A key is frozen when it is a parameter with ``requires_grad=False``, or a buffer (BatchNorm
+    statistics) of a module that ``freeze_features`` holds in evaluation mode.
+    """
+    keys = {name for name, param in model.named_parameters() if not param.requires_grad}
+    for module_name, module in model.named_modules():
+        if held_in_eval(module):
+            prefix = f"{module_name}." if module_name else ""
+            keys.update(prefix + name for name, _ in module.named_buffers(recurse=False))
+    return keys & set(model.state_dict())

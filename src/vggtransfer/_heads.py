@@ -7,7 +7,9 @@ GoogLeNet, Inception, ShuffleNet), ``heads`` (ViT) and ``head`` (Swin). The head
 ``nn.Conv2d`` of SqueezeNet) are interleaved with activations, dropout and, before the first
 projection, shape-preparing layers (ConvNeXt's LayerNorm2d + Flatten, MaxViT's pool + Flatten +
 LayerNorm). Replacing a head keeps that preparation and swaps everything from the first
-projection on, so the new head receives exactly what the old one did.
+projection on, so the new head receives exactly what the old one did. Dropout before the first
+projection (EfficientNet's and MobileNet V2's ``Dropout(0.2)``) is regularisation of the old
+head, not preparation, and goes with it: the new head brings its own dropout.
 """
 
 from __future__ import annotations
@@ -15,20 +17,36 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 from torch import nn
+from torch.nn.modules.dropout import _DropoutNd
 
 from ._spec import build_spec, record
 
-__all__ = ["append_classifier", "find_classifier", "replace_classifier"]
+__all__ = [
+    "HEAD_ATTRIBUTES",
+    "AppendedClassifier",
+    "Head",
+    "append_classifier",
+    "find_classifier",
+    "is_appended",
+    "locate_head",
+    "output_count",
+    "replace_classifier",
+]
+
+M = TypeVar("M", bound=nn.Module)
 
 #: Attribute names searched, in order, for a model's classifier head.
 HEAD_ATTRIBUTES = ("classifier", "fc", "heads", "head")
 
 
 @dataclass(frozen=True)
-class _Head:
+class Head:
+    """Where a model's classifier head is and what it is made of."""
+
     name: str
     module: nn.Module
     layers: tuple[nn.Module, ...]
@@ -42,18 +60,23 @@ def _is_projection(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Conv2d) and tuple(layer.kernel_size) == (1, 1)
 
 
-def _locate(model: nn.Module, caller: str) -> _Head:
+def locate_head(model: nn.Module, caller: str) -> Head:
+    """The classifier head of ``model``; ``caller`` names the public function in errors.
+
+    Raises:
+        TypeError: ``model`` is not a module, or has no recognisable head.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}: expected model to be an nn.Module but got {type(model).__name__}")
     for name in HEAD_ATTRIBUTES:
         module = getattr(model, name, None)
         if isinstance(module, nn.Linear):
-            return _Head(name, module, (module,), (0,))
+            return Head(name, module, (module,), (0,))
         if isinstance(module, nn.Sequential):
             layers = tuple(module.children())
             projections = tuple(i for i, layer in enumerate(layers) if _is_projection(layer))
             if projections:
-                return _Head(name, module, layers, projections)
+                return Head(name, module, layers, projections)
     found = {
         name: type(getattr(model, name)).__name__
         for name in HEAD_ATTRIBUTES
@@ -84,8 +107,17 @@ def find_classifier(model: nn.Module) -> tuple[str, nn.Module]:
         ('fc', 512)
 
     """
-    head = _locate(model, "find_classifier")
+    head = locate_head(model, "find_classifier")
     return head.name, head.module
+
+
+def output_count(model: nn.Module, caller: str = "Trainer") -> int:
+    """How many classes ``model`` predicts: the width of its head's last projection."""
+    head = build_spec(model).get("head")
+    if head:
+        return int(head["num_classes"])
+    found = locate_head(model, caller)
+    return _out_features(found.layers[found.projections[-1]])
 
 
 def _in_features(layer: nn.Module) -> int:
@@ -125,27 +157,32 @@ def _mlp(in_features: int, hidden: tuple[int, ...], num_classes: int, dropout: f
     return layers
 
 
-def _like(new: nn.Module, reference: nn.Module) -> nn.Module:
+def _like(new: M, reference: nn.Module) -> M:
     """Put ``new`` on the device and dtype of ``reference``'s parameters."""
     param = next(reference.parameters(), None)
     return new if param is None else new.to(device=param.device, dtype=param.dtype)
 
 
 def replace_classifier(
-    model: nn.Module,
+    model: M,
     num_classes: int,
     *,
     hidden: Sequence[int] = (500,),
     dropout: float = 0.3,
     keep_hidden: bool = False,
-) -> nn.Module:
+) -> M:
     """Replace the classifier head of ``model`` with a new one for ``num_classes`` classes, in place.
 
     This is the transfer-learning recipe's head swap: on VGG16 the 4096-wide classifier becomes
     ``Linear(25088, 500) - ReLU - Dropout(0.3) - Linear(500, num_classes)``. The input width is
     read from the model, so the same call works on every torchvision family (and on your own
-    model with a ``features`` module and a ``classifier``). Layers that prepare the head's input
-    (ConvNeXt's LayerNorm2d and Flatten, MaxViT's pooling) are kept with their weights.
+    model with a ``features`` module and a ``classifier``).
+
+    What is kept: the layers before the old head's first ``nn.Linear`` that prepare its input
+    (ConvNeXt's LayerNorm2d and Flatten, MaxViT's pooling, Flatten and LayerNorm), with their
+    weights. Dropout there (EfficientNet's and MobileNet V2's ``Dropout(0.2)``) is dropped, so
+    every family gets exactly ``Linear - ReLU - Dropout - Linear``. With ``keep_hidden=True``
+    everything before the last ``nn.Linear`` is kept as it was, dropout included.
 
     Args:
         model: The model to change.
@@ -179,9 +216,11 @@ def replace_classifier(
 
     """
     widths = _check_head_options("replace_classifier", num_classes, hidden, dropout)
-    head = _locate(model, "replace_classifier")
+    head = locate_head(model, "replace_classifier")
     cut = head.projections[-1] if keep_hidden else head.projections[0]
     kept = list(head.layers[:cut])
+    if not keep_hidden:  # the old head's own dropout is not input preparation
+        kept = [layer for layer in kept if not isinstance(layer, _DropoutNd)]
     first_new = head.layers[cut]
     if isinstance(first_new, nn.Conv2d):
         # Pool and flatten so that the new Linear layers see [B, C]; the model's own
@@ -206,13 +245,27 @@ def replace_classifier(
     return model
 
 
+class AppendedClassifier(nn.Sequential, Generic[M]):
+    """What :func:`append_classifier` returns: ``net`` (the whole pretrained network), then ``classifier``.
+
+    An ``nn.Sequential`` with two named children, so its state-dict keys are ``net.*`` and
+    ``classifier.*``; typed so that ``append_classifier(vgg).net`` is known to be the VGG.
+    """
+
+    net: M
+    classifier: nn.Sequential
+
+    def __init__(self, net: M, classifier: nn.Sequential) -> None:
+        super().__init__(OrderedDict(net=net, classifier=classifier))
+
+
 def append_classifier(
-    model: nn.Module,
+    model: M,
     num_classes: int,
     *,
     hidden: Sequence[int] = (500,),
     dropout: float = 0.3,
-) -> nn.Sequential:
+) -> AppendedClassifier[M]:
     """Stack a new head for ``num_classes`` classes after the whole pretrained network.
 
     The other half of the recipe: the 1000-class ImageNet net stays intact and its logits feed
@@ -227,8 +280,8 @@ def append_classifier(
         dropout: Dropout probability after each hidden layer.
 
     Returns:
-        A new ``nn.Sequential(OrderedDict(net=model, classifier=head))``. ``model`` is not
-        copied: the result holds it as ``.net``.
+        A new :class:`AppendedClassifier`, an ``nn.Sequential`` of ``net=model`` and
+        ``classifier=head``. ``model`` is not copied: the result holds it as ``.net``.
 
     Raises:
         TypeError: the head cannot be found, or an option has the wrong type.
@@ -245,11 +298,11 @@ def append_classifier(
 
     """
     widths = _check_head_options("append_classifier", num_classes, hidden, dropout)
-    head = _locate(model, "append_classifier")
+    head = locate_head(model, "append_classifier")
     _refuse_unusable_classifier(model, head)
     out = _out_features(head.layers[head.projections[-1]])
     new_head = _like(nn.Sequential(*_mlp(out, widths, num_classes, float(dropout))), head.module)
-    appended = nn.Sequential(OrderedDict(net=model, classifier=new_head))
+    appended = AppendedClassifier(model, new_head)
     spec = build_spec(model)
     spec.pop("freeze", None)  # freezing describes the outer model; it is recorded when applied
     record(appended, **spec)
@@ -265,7 +318,7 @@ def append_classifier(
     return appended
 
 
-def _refuse_unusable_classifier(model: nn.Module, head: _Head) -> None:
+def _refuse_unusable_classifier(model: nn.Module, head: Head) -> None:
     spec = build_spec(model)
     weights = spec.get("weights") or ""
     with torch.no_grad():

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
+
+from typing_extensions import Self
 
 __all__ = ["History"]
 
@@ -23,6 +26,9 @@ class History:
     validation included).
     Accuracies are fractions in [0, 1].
 
+    A History reads like the list of its records (``len``, iteration, ``history[-1]``) and,
+    indexed by a metric name, gives that metric across epochs.
+
     Example:
         >>> from vggtransfer import History
         >>> history = History()
@@ -30,6 +36,8 @@ class History:
         >>> history.append({"epoch": 2, "train_loss": 0.4, "train_accuracy": 0.8})
         >>> history["train_loss"]
         [0.7, 0.4]
+        >>> [record["epoch"] for record in history], history[-1]["train_accuracy"]
+        ([1, 2], 0.8)
     """
 
     records: list[dict[str, float]] = field(default_factory=list)
@@ -41,8 +49,29 @@ class History:
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key: str) -> list[float]:
-        """The values of one metric across epochs, e.g. ``history["val_loss"]``."""
+    def __iter__(self) -> Iterator[dict[str, float]]:
+        """The epoch records in order (copies: changing them leaves the history as it was)."""
+        return (dict(record) for record in self.records)
+
+    @overload
+    def __getitem__(self, key: str) -> list[float]: ...
+
+    @overload
+    def __getitem__(self, key: int) -> dict[str, float]: ...
+
+    def __getitem__(self, key: str | int) -> list[float] | dict[str, float]:
+        """One metric across epochs (``history["val_loss"]``), or one epoch's record (``history[-1]``)."""
+        if isinstance(key, int) and not isinstance(key, bool):
+            try:
+                return dict(self.records[key])
+            except IndexError:
+                raise IndexError(
+                    f"History has {len(self.records)} epoch records; index {key} is out of range"
+                ) from None
+        if not isinstance(key, str):
+            raise TypeError(
+                f"History: expected a metric name (str) or an epoch index (int) but got {type(key).__name__}"
+            )
         if not any(key in record for record in self.records):
             known = sorted({k for record in self.records for k in record})
             raise KeyError(f"History has no metric {key!r}; it has {known}")
@@ -58,7 +87,7 @@ class History:
         return {"records": [dict(record) for record in self.records]}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> History:
+    def from_dict(cls, data: dict[str, Any]) -> Self:
         """Rebuild a history from :meth:`to_dict` output."""
         return cls([dict(record) for record in data.get("records", [])])
 
@@ -69,7 +98,7 @@ class History:
         return path
 
     @classmethod
-    def load_json(cls, path: str | os.PathLike[str]) -> History:
+    def load_json(cls, path: str | os.PathLike[str]) -> Self:
         """Read a history written by :meth:`save_json`."""
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 

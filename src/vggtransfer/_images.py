@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-__all__ = ["to_rgb"]
+__all__ = ["tensor_to_rgb", "to_rgb"]
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 

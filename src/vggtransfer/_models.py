@@ -19,7 +19,13 @@ from torchvision.models import WeightsEnum, get_model, get_model_weights, list_m
 from ._spec import record
 from ._state_dict import load_exactly, read_state_dict
 
-__all__ = ["WeightsNotAvailableError", "classification_models", "create_model"]
+__all__ = [
+    "WeightsNotAvailableError",
+    "cached_weights_path",
+    "classification_models",
+    "create_model",
+    "rebuild_model",
+]
 
 #: What ``create_model(weights=...)`` accepts.
 Weights = Union[str, WeightsEnum, "os.PathLike[str]", None]

@@ -1,17 +1,20 @@
-"""Turning what users hand to ``predict`` (paths, PIL images, tensors) into one input batch."""
+"""Prediction: what users hand to ``predict`` (paths, PIL images, tensors), batched and classified."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch import nn
 
-__all__ = ["Prediction", "PredictInput", "to_batch"]
+from ._runtime import Runtime, eval_mode
+
+__all__ = ["PredictInput", "Prediction", "as_items", "is_single", "names_for", "predict", "to_batch"]
 
 #: One image: a file path, a PIL image, or a tensor ``[C, H, W]`` (uint8 = raw pixels, float =
 #: already preprocessed). A list of these, or a float tensor ``[B, 3, H, W]``, is a batch.
@@ -89,3 +92,54 @@ def _one(item: Any, transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:
         f"but got {type(item).__name__}"
         + (f" of shape {list(item.shape)}" if isinstance(item, torch.Tensor) else "")
     )
+
+
+def names_for(class_names: Sequence[str] | None, count: int) -> list[str]:
+    """The names of ``count`` outputs: ``class_names`` if it has that many, else ``"0"``, ``"1"``, ..."""
+    if class_names is not None and len(class_names) == count:
+        return list(class_names)
+    return [str(i) for i in range(count)]
+
+
+def predict(
+    model: nn.Module,
+    inputs: PredictInput | Sequence[PredictInput],
+    *,
+    transform: Callable[[Any], torch.Tensor],
+    class_names: Sequence[str] | None,
+    runtime: Runtime,
+    batch_size: int,
+) -> Prediction | list[Prediction]:
+    """Classify ``inputs`` in batches of ``batch_size``, in eval mode without gradients.
+
+    The model's mode is restored afterwards. Returns one :class:`Prediction` for one input,
+    a list for a list or a batch tensor.
+
+    Raises:
+        TypeError: an input of an unknown kind.
+        ValueError: ``batch_size`` is not a positive int, or a file is not an image.
+        FileNotFoundError: a path does not exist.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"predict: expected batch_size to be a positive int but got {batch_size!r}")
+    single = is_single(inputs)
+    chunks: list[Any]
+    if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
+        chunks = list(torch.split(inputs, batch_size))
+    else:
+        items = as_items(inputs)
+        chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    predictions: list[Prediction] = []
+    with eval_mode(model), torch.no_grad():
+        for chunk in chunks:
+            batch = to_batch(chunk, transform).to(runtime.device)
+            with runtime.autocast():
+                logits = model(batch)
+            probabilities = logits.float().softmax(dim=1).cpu()
+            names = names_for(class_names, probabilities.shape[1])
+            for row in probabilities:
+                index = int(row.argmax())
+                predictions.append(
+                    Prediction(names[index], index, dict(zip(names, row.tolist(), strict=True)))
+                )
+    return predictions[0] if single else predictions

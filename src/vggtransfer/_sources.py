@@ -1,4 +1,8 @@
-"""Where training batches come from: a DataLoader over images, or cached features.
+"""Where batches come from: a DataLoader over images, or cached features.
+
+:func:`batch_source` is the one entry point: it checks what the user passed, asks the
+:class:`FeatureCache` for cached features, and returns a source of batches from the cache if
+there are any, or from a loader over the images if not. The Trainer never needs to know which.
 
 Both sources shuffle with :class:`EpochShuffle`, whose order depends only on the run's seed and
 the epoch, so training on cached features visits the samples in exactly the order that training
@@ -14,11 +18,31 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from ._features import FeatureSet
+from ._feature_cache import FeatureCache
+from ._feature_store import FeatureSet
+from ._heads import locate_head
+from ._progress import Progress
+from ._runtime import Runtime, unwrap
 
-__all__ = ["CachedSource", "EpochShuffle", "LoaderSource", "default_workers", "make_loader", "shard"]
+__all__ = [
+    "BatchSource",
+    "CachedSource",
+    "Data",
+    "EpochShuffle",
+    "LoaderSource",
+    "batch_source",
+    "check_data",
+    "class_names_of",
+    "default_workers",
+    "make_loader",
+    "shard",
+]
+
+#: What ``fit`` and ``evaluate`` accept: a map-style Dataset of (image, label), or a DataLoader.
+Data = Dataset[Any] | DataLoader[Any]
 
 
 class EpochShuffle(Sampler[int]):
@@ -115,7 +139,6 @@ class LoaderSource:
     loader: DataLoader[Any]
     forward: Callable[[torch.Tensor], torch.Tensor]
     seed: int
-    cached: bool = False
 
     def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of ``epoch``, in that epoch's order."""
@@ -146,7 +169,6 @@ class CachedSource:
     device: torch.device
     rank: int = 0
     world: int = 1
-    cached: bool = True
 
     def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of ``epoch``, in the order :class:`EpochShuffle` gives the images."""
@@ -163,3 +185,140 @@ class CachedSource:
         """Batches per epoch (of this process)."""
         per_process = math.ceil(len(self.features) / self.world)
         return math.ceil(per_process / self.batch_size)
+
+
+BatchSource = LoaderSource | CachedSource
+
+
+def check_data(data: object, what: str, world_size: int) -> None:
+    """Refuse what cannot be trained or evaluated on, before any work starts.
+
+    A Dataset must have a length, at least one sample, and a first sample that is an
+    ``(image tensor, int label)`` pair. Under torchrun a DataLoader is refused: each process
+    must be given its own share of the Dataset.
+
+    Raises:
+        TypeError: not a Dataset or DataLoader, or a first sample of the wrong kind.
+        ValueError: an empty Dataset, or a DataLoader under torchrun.
+    """
+    if isinstance(data, DataLoader):
+        if world_size > 1:
+            raise ValueError(
+                f"{what}: under torchrun, pass a Dataset rather than a DataLoader, so that each of "
+                f"the {world_size} processes can be given its own share of it"
+            )
+        return
+    if not isinstance(data, Dataset) or not hasattr(data, "__len__"):
+        raise TypeError(
+            f"{what}: expected a torch Dataset (with __len__) or a DataLoader but got {type(data).__name__}"
+        )
+    if len(data) == 0:
+        raise ValueError(f"{what}: the dataset is empty; expected at least one (image, label) sample")
+    _check_sample(data[0], what)
+
+
+def _check_sample(sample: Any, what: str) -> None:
+    if not (isinstance(sample, (tuple, list)) and len(sample) == 2):
+        raise TypeError(
+            f"{what}: expected each sample to be an (image, label) pair but the first one is a "
+            f"{type(sample).__name__}"
+        )
+    image, label = sample
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(
+            f"{what}: expected the image of each sample to be a tensor but the first one is a "
+            f"{type(image).__name__}; give the dataset a transform, e.g. "
+            f"ImageFolder(root, transform=vt.imagenet_transform())"
+        )
+    if not isinstance(label, (int, torch.Tensor)) or isinstance(label, bool):
+        raise TypeError(
+            f"{what}: expected the label of each sample to be an int class index but the first one "
+            f"is a {type(label).__name__}"
+        )
+
+
+def batch_source(
+    data: Data,
+    *,
+    model: nn.Module,
+    what: str,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int | None,
+    seed: int,
+    runtime: Runtime,
+    cache: FeatureCache,
+    progress: Progress,
+    compute_cache: bool = True,
+) -> BatchSource:
+    """The batches of ``data`` for one role: from cached features when that gives the same result.
+
+    Args:
+        data: What the user passed.
+        model: The model as the Trainer holds it (possibly compiled by the user).
+        what: The role (``"fit(train)"``, ``"fit(val)"``, ``"evaluate"``), for errors and the
+            cache report.
+        batch_size: Samples per step.
+        shuffle: Shuffle per epoch (training) or keep dataset order (evaluation).
+        num_workers: Loader processes; None for :func:`default_workers`.
+        seed: The run's seed, for the shuffling order.
+        runtime: Device and processes.
+        cache: Decides whether features are cached, and holds them.
+        progress: Shows a feature pass.
+        compute_cache: Whether a missing cache may be computed now.
+
+    Raises:
+        TypeError, ValueError: see :func:`check_data`; ``cache_features=True`` for data whose
+            features vary.
+    """
+    check_data(data, what, runtime.world_size)
+
+    def loader(shuffled: bool) -> DataLoader[Any]:
+        return make_loader(
+            data,  # type: ignore[arg-type]
+            batch_size=batch_size,
+            shuffle=shuffled,
+            num_workers=num_workers,
+            seed=seed,
+            pin_memory=runtime.pin_memory,
+            rank=runtime.rank,
+            world=runtime.world_size,
+        )
+
+    network = unwrap(model)
+    features = cache.features(
+        network,
+        data,
+        what=what,
+        runtime=runtime,
+        loader=lambda: loader(False),
+        progress=progress,
+        compute=compute_cache,
+    )
+    if features is not None:
+        head = runtime.wrap(locate_head(network, "Trainer").module, training=shuffle)
+        return CachedSource(
+            features, head, batch_size, shuffle, seed, runtime.device, runtime.rank, runtime.world_size
+        )
+    images = data if isinstance(data, DataLoader) else loader(shuffle)
+    return LoaderSource(images, runtime.wrap(model, training=shuffle), seed)
+
+
+def class_names_of(data: Data, current: list[str] | None) -> list[str] | None:
+    """The class names to use: ``current``, else the ``classes`` of ``data`` (as ImageFolder has).
+
+    Raises:
+        ValueError: ``data`` names other classes than ``current``; labels would be misnamed.
+    """
+    dataset: Any = data.dataset if isinstance(data, DataLoader) else data
+    while isinstance(dataset, Subset):  # a split of a dataset keeps its classes
+        dataset = dataset.dataset
+    found = getattr(dataset, "classes", None)
+    if not isinstance(found, (list, tuple)) or not all(isinstance(c, str) for c in found):
+        return current
+    if current is not None and list(found) != current:
+        raise ValueError(
+            f"fit: the training data's classes {list(found)} differ from the Trainer's "
+            f"class_names {current}; labels would be misnamed. Pass matching class_names"
+        )
+    return list(found)

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-__all__: list[str] = []
+__all__ = ["build_spec", "record"]
 
 _SPEC_ATTR = "_vggtransfer_spec"
 

@@ -12,6 +12,7 @@ Two rules hold everywhere vggtransfer reads weights:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from collections.abc import Mapping
@@ -20,7 +21,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__: list[str] = []
+__all__ = [
+    "as_state_dict",
+    "cpu_state_dict",
+    "fingerprint",
+    "load_exactly",
+    "merge_into",
+    "read_state_dict",
+    "state_dict_differences",
+    "strip_wrapper_prefixes",
+]
 
 # Wrappers that prefix every key: DataParallel / DistributedDataParallel add "module.",
 # torch.compile's OptimizedModule adds "_orig_mod.". They may be stacked in either order.
@@ -137,3 +147,28 @@ def load_exactly(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, so
             "(e.g. the same arch and num_classes) before loading."
         )
     model.load_state_dict(state_dict, strict=True)
+
+
+def merge_into(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load ``state`` (every entry, or a subset such as the trained ones) with strict key checking."""
+    merged = model.state_dict()
+    merged.update(state)
+    model.load_state_dict(merged, strict=True)
+
+
+def cpu_state_dict(
+    model: nn.Module, *, skip: set[str] | frozenset[str] = frozenset()
+) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` as CPU copies (so a CUDA checkpoint loads anywhere), minus ``skip``."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k not in skip}
+
+
+def fingerprint(state: Mapping[str, torch.Tensor], keys: set[str]) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of ``state[key]`` for ``keys``."""
+    digest = hashlib.sha256()
+    for key in sorted(keys):
+        tensor = state[key].detach().to("cpu")
+        digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        # reshape(-1): a 0-d tensor (num_batches_tracked) cannot be viewed as bytes
+        digest.update(tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

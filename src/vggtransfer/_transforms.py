@@ -10,12 +10,21 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from torchvision.models import WeightsEnum, get_weight
 from torchvision.transforms import v2
 
 from ._images import tensor_to_rgb, to_rgb
+from ._spec import build_spec
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageTransform", "imagenet_transform", "unnormalize"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageTransform",
+    "default_transform",
+    "imagenet_transform",
+    "unnormalize",
+]
 
 #: Per-channel RGB mean of ImageNet, for inputs scaled to [0, 1].
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -218,6 +227,14 @@ def imagenet_transform(
         # Keep the 256/224 ratio for other sizes (e.g. size=112 resizes to 128).
         settings["resize"] = max(size, round(size * 256 / 224))
     return ImageTransform(**settings)
+
+
+def default_transform(model: nn.Module) -> ImageTransform:
+    """The evaluation preprocessing of ``model``'s recorded weights, else the standard ImageNet one."""
+    weights = build_spec(model).get("weights")
+    if isinstance(weights, str) and not weights.startswith("file:"):
+        return imagenet_transform(weights=weights)
+    return imagenet_transform()
 
 
 @functools.cache

@@ -1,25 +1,16 @@
-"""Feature caching: compute a frozen backbone's output once, then train the head on it.
+"""Where cached features live: in memory, or in memory-mapped files in a cache folder.
 
-With frozen features, 99% of VGG16's work per image is a feature pass whose result never changes,
-yet a plain training loop recomputes it every epoch. When that result is provably the same every
-epoch (the backbone is frozen and in evaluation mode, and the images are preprocessed
-deterministically), the Trainer computes it once and trains the head on the stored tensors.
-
-What is stored is the *input of the classifier head*, captured with a forward hook, so the cut
-point works for every family: VGG's flattened 25088-wide feature map, ResNet's pooled 512 values,
-or, for a model made by ``append_classifier``, the whole frozen network's 1000 logits.
-
-Caches are keyed by a fingerprint of the frozen weights, the transform settings and the data
-(file paths, sizes and modification times, or tensor bytes), so changing any of them computes the
-features afresh. Small caches live in memory; past a memory budget they are written to a
-memory-mapped file in a cache folder and reused by later runs with the same key. The folder is
-kept under a size limit by deleting the least recently used caches.
+A :class:`FeatureSet` holds the inputs of a classifier head for every sample of a dataset, in
+dataset order. :func:`compute_features` fills one in a single pass of the frozen network; sets
+larger than the memory budget go to a ``KEY.bin`` file (with ``KEY.targets.pt`` and a ``KEY.json``
+description written last, so a half-written entry is never used), which later runs with the same
+key reopen with :func:`open_features`. The folder is kept under ``$VGGTRANSFER_CACHE_LIMIT_GB``
+by :func:`prune_caches`, least recently used first.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -32,23 +23,19 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.dropout import _DropoutNd
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader
 
-from ._checkpoint import fingerprint
-from ._freeze import _HOOK_ATTR
-from ._heads import _locate
-from ._transforms import ImageTransform
+from ._heads import locate_head
 
 __all__ = [
+    "KEY_NAME",
     "FeatureSet",
     "cache_limit_bytes",
-    "cacheability",
     "compute_features",
-    "data_key",
     "default_cache_dir",
     "drop_cache",
+    "memory_budget",
+    "open_features",
     "prune_caches",
 ]
 
@@ -70,12 +57,37 @@ def cache_limit_bytes() -> int:
     return int(gigabytes * 1e9)
 
 
+def memory_budget(device: torch.device) -> int:
+    """Bytes of features to keep in memory before using a memory-mapped file instead.
+
+    ``$VGGTRANSFER_CACHE_MEMORY_GB`` sets it (0 = always on disk, for machines with little
+    memory); by default 30% of a GPU's free memory, or 40% of the RAM up to 8 GB.
+    """
+    raw = os.environ.get("VGGTRANSFER_CACHE_MEMORY_GB")
+    if raw is not None:
+        try:
+            gigabytes = float(raw)
+        except ValueError:
+            gigabytes = -1.0
+        if not gigabytes >= 0:  # also refuses NaN
+            raise ValueError(
+                f"VGGTRANSFER_CACHE_MEMORY_GB must be a number of gigabytes >= 0 (like 8, or 0 to keep "
+                f"every feature cache on disk) but is {raw!r}"
+            )
+        return int(gigabytes * 1e9)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.3)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return min(8 << 30, int(total * 0.4))
+
+
 # The files of one cache entry, beside ``KEY.bin``; ``.json`` is written last and marks it complete.
 _ENTRY_SUFFIXES = (".bin", ".json", ".targets.pt", ".tmp")
-# Bumped whenever preprocessing changes pixels for the same settings, so that disk caches written
-# by an older vggtransfer are not reused: 2 = PIL images resized as tensors.
-_PIXELS_VERSION = 2
-_KEY_NAME = re.compile(r"[0-9a-f]{32}")  # cache_key() and one-off names: 32 hex digits
+KEY_NAME = re.compile(r"[0-9a-f]{32}")  # cache_key() and one-off names: 32 hex digits
 _STALE_TMP_S = 24 * 3600  # a .tmp this old is from a run that was killed, not one still writing
 
 
@@ -91,7 +103,7 @@ def prune_caches(folder: Path, *, keep: Path, limit_bytes: int) -> list[Path]:
     for path in folder.glob("*"):
         stem = path.name.split(".", 1)[0]
         # Only files named like a cache key: a shared cache_dir may hold other files.
-        if _KEY_NAME.fullmatch(stem) and path.is_file() and path.name.endswith(_ENTRY_SUFFIXES):
+        if KEY_NAME.fullmatch(stem) and path.is_file() and path.name.endswith(_ENTRY_SUFFIXES):
             entries.setdefault(stem, []).append(path)
     deleted: list[Path] = []
     now = time.time()
@@ -149,90 +161,6 @@ def _unlink(paths: list[Path]) -> list[Path]:
     return gone
 
 
-def _training_sensitive(module: nn.Module) -> bool:
-    # Modules whose output depends on module.training; torchvision's StochasticDepth too.
-    return isinstance(module, (_BatchNorm, _DropoutNd)) or type(module).__name__ == "StochasticDepth"
-
-
-def backbone_reason(model: nn.Module) -> str | None:
-    """Why the part of ``model`` before its head is not a fixed function (None when it is)."""
-    head = _locate(model, "cache_features")
-    inside_head = {id(m) for m in head.module.modules()}
-    head_params = {id(p) for p in head.module.parameters()}
-    for name, param in model.named_parameters():
-        if param.requires_grad and id(param) not in head_params:
-            return f"parameter {name!r} outside the head is trainable (features are not frozen)"
-    for name, module in model.named_modules():
-        if id(module) in inside_head or module is model:
-            continue
-        if _training_sensitive(module) and _HOOK_ATTR not in module.__dict__:
-            return (
-                f"{name!r} ({type(module).__name__}) outside the head changes between training and "
-                f"evaluation (BatchNorm trainable, or dropout not frozen)"
-            )
-    return None
-
-
-def _root_dataset(data: Any) -> Any:
-    while isinstance(data, Subset):
-        data = data.dataset
-    return data
-
-
-def transform_reason(data: Any) -> str | None:
-    """Why the samples of ``data`` may differ between epochs (None when they cannot)."""
-    root = _root_dataset(data)
-    if isinstance(root, TensorDataset):
-        return None
-    transform = getattr(root, "transform", "missing")
-    if transform == "missing":
-        return f"cannot tell whether {type(root).__name__} returns the same tensors every epoch"
-    if isinstance(transform, ImageTransform):
-        return None if transform.deterministic else "the transform augments randomly (train=True)"
-    return (
-        f"the transform {type(transform).__name__} is not a vggtransfer ImageTransform, so it may "
-        f"be random; pass cache_features=True if it is deterministic"
-    )
-
-
-def cacheability(model: nn.Module, data: Any) -> str | None:
-    """Why features of ``data`` through ``model`` cannot be cached, or None when they can."""
-    if isinstance(data, DataLoader):
-        return "a DataLoader was given (its order and batching are its own); pass the Dataset instead"
-    return backbone_reason(model) or transform_reason(data)
-
-
-def data_key(data: Any) -> str | None:
-    """A fingerprint of the samples of ``data``, or None when it cannot be computed."""
-    digest = hashlib.sha256()
-    root, indices = data, None
-    while isinstance(root, Subset):
-        indices = [root.indices[i] for i in indices] if indices is not None else list(root.indices)
-        root = root.dataset
-    if isinstance(root, TensorDataset):
-        tensors = {str(i): tensor for i, tensor in enumerate(root.tensors)}
-        digest.update(fingerprint(tensors, set(tensors)).encode())
-    elif isinstance(getattr(root, "samples", None), list):
-        for path, label in root.samples:
-            stat = Path(path).stat()
-            digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    else:
-        return None
-    transform = getattr(root, "transform", None)
-    digest.update(
-        json.dumps(transform.to_dict() if isinstance(transform, ImageTransform) else repr(transform)).encode()
-    )
-    digest.update(json.dumps(indices).encode())
-    return digest.hexdigest()
-
-
-def backbone_key(model: nn.Module) -> str:
-    """A fingerprint of every state-dict entry outside the head (what the features depend on)."""
-    head_name = _locate(model, "cache_features").name
-    state = model.state_dict()
-    return fingerprint(state, {k for k in state if not k.startswith(f"{head_name}.")})
-
-
 @dataclass
 class FeatureSet:
     """Cached head inputs ``[N, ...]`` and targets ``[N]``, in dataset order."""
@@ -274,7 +202,7 @@ def compute_features(
     to ``store`` as a memory-mapped file, with a ``.json`` description written last so that a
     half-written cache is never used.
     """
-    head = _locate(model, "cache_features").module
+    head = locate_head(model, "cache_features").module
     captured: list[torch.Tensor] = []
     hook = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
     chunks: list[torch.Tensor] = []
@@ -331,13 +259,3 @@ def open_features(store: Path) -> FeatureSet | None:
     array = np.memmap(store, dtype=np.float32, mode="c", shape=tuple(meta["shape"]))
     targets = torch.load(store.with_suffix(".targets.pt"), weights_only=True)
     return FeatureSet(torch.from_numpy(array), targets)
-
-
-def cache_key(model: nn.Module, data: Dataset[Any], precision: str) -> str | None:
-    """The key of the features of ``data`` through ``model``; None if the data has no fingerprint."""
-    data_part = data_key(data)
-    if data_part is None:
-        return None
-    head_name = _locate(model, "cache_features").name
-    key = f"{backbone_key(model)}|{data_part}|{head_name}|{precision}|{_PIXELS_VERSION}"
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
