@@ -7,8 +7,8 @@
 The recipe: load torchvision's ImageNet-pretrained VGG16_bn, freeze its convolutional features
 (BatchNorm statistics included), replace its classifier with Linear(25088, 500) - ReLU -
 Dropout(0.3) - Linear(500, 2), preprocess with Resize 256 / CenterCrop 224 / ImageNet mean and
-std, and train only the new head. On Kaggle's 25,000 training images it reaches about 98%
-validation accuracy in a few epochs.
+std, and train only the new head. On Kaggle's 25,000 training images the recipe reported
+97.86% test accuracy (not re-measured by vggtransfer).
 
 What the script does, step by step:
 

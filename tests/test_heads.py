@@ -112,6 +112,21 @@ def test_replace_keeps_layers_that_prepare_head_input() -> None:
     assert isinstance(model.classifier[-1], nn.Linear)
 
 
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "mobilenet_v2", "mobilenet_v3_small", "vgg11"])
+def test_replace_drops_the_old_heads_dropout_and_gives_the_recipes_head(arch: str) -> None:
+    # EfficientNet and MobileNet V2 start their head with Dropout(0.2): regularisation, not preparation.
+    model = vt.replace_classifier(vt.create_model(arch, weights=None), 2)
+    assert [type(m).__name__ for m in model.classifier] == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert model.classifier[2].p == 0.3
+
+
+def test_keep_hidden_keeps_everything_before_the_last_linear_dropout_included() -> None:
+    model = vt.replace_classifier(
+        vt.create_model("mobilenet_v3_small", weights=None), 2, hidden=(), keep_hidden=True
+    )
+    assert [type(m).__name__ for m in model.classifier] == ["Linear", "Hardswish", "Dropout", "Linear"]
+
+
 def test_replace_on_plain_linear_head_stays_linear() -> None:
     model = vt.replace_classifier(vt.create_model("resnet18", weights=None), 5, hidden=())
     assert isinstance(model.fc, nn.Linear) and model.fc.out_features == 5

@@ -82,7 +82,11 @@ def _code_lines(node: ast.AST, source: list[str]) -> int:
     if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
         skip = set(range(body[0].lineno, body[0].end_lineno + 1))  # type: ignore[operator]
     lines = range(node.lineno, node.end_lineno + 1)  # type: ignore[attr-defined]
-    return sum(1 for n in lines if n not in skip and source[n - 1].strip() and not source[n - 1].strip().startswith("#"))
+    return sum(
+        1
+        for n in lines
+        if n not in skip and source[n - 1].strip() and not source[n - 1].strip().startswith("#")
+    )
 
 
 def test_size_limits_keep_the_trainer_a_short_loop() -> None:
@@ -126,5 +130,7 @@ def test_module_all_lists_name_what_the_module_defines_and_others_import() -> No
         module = importlib.import_module(f"vggtransfer.{module_name}")
         listed = set(getattr(module, "__all__", ()))
         problems += [f"{module_name}.__all__ lacks {n}" for n in sorted(names - listed)]
-        problems += [f"{module_name}.__all__ names missing {n}" for n in sorted(listed) if not hasattr(module, n)]
+        problems += [
+            f"{module_name}.__all__ names missing {n}" for n in sorted(listed) if not hasattr(module, n)
+        ]
     assert problems == []

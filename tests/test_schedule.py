@@ -12,8 +12,8 @@ from torch import nn
 from torch.optim import lr_scheduler as sch
 
 from helpers import blobs, trainer
-from vggtransfer._progress import format_record
 from vggtransfer._optimizer import adopt_new_group
+from vggtransfer._progress import format_record
 
 MAKERS: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
     "StepLR": lambda o: sch.StepLR(o, step_size=1, gamma=0.5),

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -174,8 +175,12 @@ def test_predict_tensors_single_and_batch_in_eval_mode() -> None:
     t.model.train()
     single = t.predict(images[0])
     assert isinstance(single, vt.Prediction)
-    assert single.label in ("cool", "warm") and single.index == ["cool", "warm"].index(single.label)
-    assert sum(single.probabilities.values()) == pytest.approx(1.0)
+    with torch.no_grad():
+        expected = t.model.eval()(images[:1]).softmax(dim=1)[0]
+    t.model.train()
+    assert single.index == int(expected.argmax()) and single.label == ["cool", "warm"][single.index]
+    assert list(single.probabilities) == ["cool", "warm"]
+    assert list(single.probabilities.values()) == pytest.approx(expected.tolist(), abs=1e-6)
     batch = t.predict(images, batch_size=3)
     assert [p.index for p in batch] == labels.tolist()
     assert t.model.training  # mode restored
@@ -208,7 +213,12 @@ def test_predict_real_photos_in_every_mode(pet_photos: list[Path], tmp_path: Pat
         paths.append(tmp_path / name)
     predictions = t.predict(paths)
     assert len(predictions) == len(paths)
-    assert all(sum(p.probabilities.values()) == pytest.approx(1.0) for p in predictions)
+    # each file gives what the model says about its transformed pixels
+    for path, prediction in zip(paths, predictions, strict=True):
+        with Image.open(path) as image, torch.no_grad():
+            expected = t.model.eval()(t.transform(image)[None]).softmax(dim=1)[0]
+        assert list(prediction.probabilities.values()) == pytest.approx(expected.tolist(), abs=1e-5)
+        assert prediction.label == ["cat", "dog"][int(expected.argmax())]
     # a PIL image and its path give the same answer (batch of 1 vs 6: float rounding only)
     with Image.open(source) as image:
         assert t.predict(image).probabilities == pytest.approx(predictions[0].probabilities, abs=1e-5)
@@ -397,6 +407,25 @@ def test_history_json_round_trip_and_plot(tmp_path: Path) -> None:
         assert image.size == (1000, 400)
 
 
+def test_history_reads_like_a_list_of_epoch_records() -> None:
+    history = vt.History([{"epoch": 1, "train_loss": 0.5}, {"epoch": 2, "train_loss": 0.25}])
+    assert [record["epoch"] for record in history] == [1, 2]
+    assert list(history) == history.records and history[-1] == {"epoch": 2, "train_loss": 0.25}
+    next(iter(history))["epoch"] = 99  # records handed out are copies
+    assert history["epoch"] == [1, 2]
+    with pytest.raises(IndexError, match="History has 2 epoch records; index 5 is out of range"):
+        history[5]
+    with pytest.raises(
+        KeyError, match="History has no metric 'val_loss'; it has \\['epoch', 'train_loss'\\]"
+    ):
+        history["val_loss"]
+
+
+def test_load_model_device_errors_name_load_model(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="^load_model: expected device to be 'auto', 'cpu'"):
+        vt.load_model(tmp_path / "missing.pt", device="tpu")
+
+
 def test_history_plot_without_matplotlib_says_what_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -428,10 +457,34 @@ def test_scheduler_factory_is_stepped_per_epoch() -> None:
     assert history["lr"] == pytest.approx([1e-3, 5e-4, 2.5e-4])
 
 
-def test_fit_with_loader_workers() -> None:
-    t = trainer()
-    history = t.fit(blobs(32), epochs=1, batch_size=8, num_workers=2)
-    assert len(history) == 1
+class ReadLog(Dataset):
+    """Blobs that note every read, with the reading process's id, in a file (works across processes)."""
+
+    def __init__(self, log: Path) -> None:
+        self.data, self.log = blobs(32), log
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        with self.log.open("a") as file:
+            file.write(f"{os.getpid()} {i}\n")
+        return self.data[i]
+
+
+def test_loader_workers_only_feed_the_one_feature_pass(tmp_path: Path) -> None:
+    log = tmp_path / "reads.txt"
+    t = trainer(cache_features=True)  # ReadLog has no transform to inspect: trust it
+    history = t.fit(ReadLog(log), epochs=3, batch_size=8, num_workers=2)
+    reads = [line.split() for line in log.read_text().splitlines()]
+    main = [i for pid, i in reads if int(pid) == os.getpid()]
+    in_workers = sorted(int(i) for pid, i in reads if int(pid) != os.getpid())
+    assert main == ["0"]  # the first-sample check, before any loader starts
+    assert in_workers == list(range(32))  # every sample read once, by the workers, for 3 epochs
+    assert t.cache_report["fit(train)"] == "on" and len(history) == 3
+    alone = trainer(cache_features=True)
+    alone.fit(blobs(32), epochs=3, batch_size=8, num_workers=0)
+    assert history["train_loss"] == pytest.approx(alone.history["train_loss"], rel=1e-6)
 
 
 def test_custom_loss_fn_and_non_vggtransfer_model() -> None:
@@ -453,4 +506,8 @@ def test_custom_loss_fn_and_non_vggtransfer_model() -> None:
     t = vt.Trainer(Tiny(), loss_fn=loss_fn, device="cpu", progress=False, seed=0)
     t.fit(blobs(16), epochs=1, batch_size=8, num_workers=0)
     assert len(calls) == 2
-    assert t.predict(blobs(2).tensors[0][0]).label in ("0", "1")
+    image = blobs(2).tensors[0][0]
+    prediction = t.predict(image)
+    with torch.no_grad():
+        index = int(t.model.eval()(image[None]).argmax())
+    assert (prediction.index, prediction.label) == (index, str(index))  # no class names: indices

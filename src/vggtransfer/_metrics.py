@@ -13,8 +13,9 @@ __all__ = ["ConfusionMatrix", "RunningMean"]
 class RunningMean:
     """Sum of per-sample losses and correct predictions, kept as tensors on the device.
 
-    Keeping the sums on the device avoids a GPU->CPU synchronisation on every step; they are read
-    once, at the end of the epoch.
+    The sums stay on the device so that bookkeeping adds no GPU->CPU synchronisation of its own;
+    they are read once, at the end of the epoch. (The training loop still syncs once per step,
+    for its NaN check on the loss.)
     """
 
     def __init__(self, device: torch.device) -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "ImageList",
     "ScanReport",
     "Split",
+    "check_image",
     "oxford_pets",
     "scan_images",
     "stratified_split",
@@ -77,10 +78,31 @@ def check_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) 
     structure: a truncated JPEG passes both. Decoding all the data is the only reliable test
     (JPEGs are decoded at an eighth of their size, which still reads every byte).
 
+    This is the test :func:`scan_images` runs on every file; call it yourself for a single
+    file, such as one uploaded to a service, before handing it to a model. It never modifies
+    the file.
+
     Args:
         path: The file.
         max_pixels: Larger images are refused as decompression bombs; defaults to Pillow's
             ``Image.MAX_IMAGE_PIXELS`` (about 89 megapixels).
+
+    Returns:
+        None for a usable image, else the reason, one of those in docs/data.md: ``"empty file
+        (0 bytes)"``, ``"truncated image data (...)"``, ``"not an image (Pillow cannot
+        identify the format)"``, ``"decompression bomb: ..."``, ``"corrupt image data (...)"``.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from PIL import Image
+        >>> from vggtransfer.data import check_image
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     good, text = Path(folder, "good.png"), Path(folder, "notes.jpg")
+        ...     Image.new("RGB", (8, 8)).save(good)
+        ...     _ = text.write_text("not a picture")
+        ...     check_image(good), check_image(text)
+        (None, 'not an image (Pillow cannot identify the format)')
     """
     path = Path(path)
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
