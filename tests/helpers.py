@@ -50,10 +50,43 @@ def vgg(arch: str = "vgg11_bn", *, num_classes: int = 2, seed: int = 0) -> nn.Mo
         return vt.replace_classifier(vt.freeze_features(model), num_classes)
 
 
+class ToyVGG(nn.Module):
+    """VGG's layout (``features`` with BatchNorm, ``avgpool``, a ``classifier`` of Linear layers) at toy size.
+
+    For tests about the loop rather than about VGG: a step takes milliseconds instead of VGG11's
+    25088-wide head, and every vggtransfer function sees the same structure.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d(2)
+        self.classifier = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 1000))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def toy(*, num_classes: int = 2, seed: int = 0) -> nn.Module:
+    """A frozen :class:`ToyVGG` with the recipe's head, identically initialised for the same seed."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return vt.replace_classifier(vt.freeze_features(ToyVGG()), num_classes)
+
+
 def trainer(model: nn.Module | None = None, **kwargs) -> vt.Trainer:
+    """A quiet CPU Trainer with fixed seed and class names, on :func:`toy` unless a model is given."""
     options = {"device": "cpu", "seed": 1234, "progress": False, "class_names": ["cool", "warm"]}
     options.update(kwargs)
-    return vt.Trainer(model if model is not None else vgg(), **options)
+    return vt.Trainer(model if model is not None else toy(), **options)
 
 
 def weights_equal(a: nn.Module, b: nn.Module) -> bool:

@@ -16,7 +16,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights
 
 import vggtransfer as vt
-from helpers import blobs, trainer, vgg, weights_equal
+from helpers import blobs, toy, trainer, vgg, weights_equal
 from vggtransfer._checkpoint_file import atomic_save
 
 
@@ -199,13 +199,15 @@ def test_malicious_pickle_is_refused_without_running(tmp_path: Path, monkeypatch
 
 
 def _tampered(tmp_path: Path, change) -> tuple[vt.Trainer, Path]:
-    t = trainer()
+    # The architecture check needs a model vt.create_model built (it records the arch).
+    build = vgg if change is _other_arch else toy
+    t = trainer(build())
     _fit(t, 1)
     path = t.save_checkpoint(tmp_path / "ck.pt")
     data = torch.load(path, weights_only=True)
     change(data)
     torch.save(data, path)
-    return trainer(), path
+    return trainer(build()), path
 
 
 def _drop_key(data: dict) -> None:
@@ -294,7 +296,7 @@ def test_not_a_checkpoint_and_truncated_files(tmp_path: Path) -> None:
 
 
 def test_load_model_rebuilds_without_training_code(tmp_path: Path) -> None:
-    t = trainer(transform=vt.imagenet_transform(size=32))
+    t = trainer(vgg(), transform=vt.imagenet_transform(size=32))  # rebuilt from its build record
     _fit(t, 2)
     path = t.save_checkpoint(tmp_path / "ck.pt")
     model, class_names, transform = vt.load_model(path)
@@ -384,7 +386,7 @@ def test_wrapped_models_save_without_prefixes_and_prefixed_files_load(tmp_path: 
     data = torch.load(path, weights_only=True)
     data["model"] = {f"module._orig_mod.{k}": v for k, v in data["model"].items()}
     torch.save(data, path)
-    fresh = trainer()
+    fresh = trainer(vgg())
     fresh.load_checkpoint(path)
     assert weights_equal(fresh.model, inner)
 
@@ -403,7 +405,7 @@ def _save_with_cuda_tags(obj: object, path: Path) -> None:
 def test_checkpoint_written_on_cuda_loads_on_cpu(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA to prove the point")
-    t = trainer()
+    t = trainer(vgg())  # vt.load_model rebuilds it from its build record
     _fit(t, 1)
     path = t.save_checkpoint(tmp_path / "ck.pt")
     data = torch.load(path, weights_only=True)
@@ -413,7 +415,7 @@ def test_checkpoint_written_on_cuda_loads_on_cpu(tmp_path: Path) -> None:
         torch.load(gpu_path, weights_only=True)  # proves the file really names CUDA storages
     model, _, _ = vt.load_model(gpu_path)
     assert weights_equal(model, t.model)
-    fresh = trainer()
+    fresh = trainer(vgg())
     fresh.load_checkpoint(gpu_path)
     assert fresh.epoch == 1
 
@@ -422,7 +424,7 @@ def test_checkpoint_written_on_cuda_loads_on_cpu(tmp_path: Path) -> None:
 def test_cuda_checkpoint_round_trip(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU on this machine")
-    t = trainer(device="cuda")
+    t = trainer(vgg(), device="cuda")
     _fit(t, 1)
     path = t.save_checkpoint(tmp_path / "ck.pt")
     assert all(v.device.type == "cpu" for v in torch.load(path, weights_only=True)["model"].values())

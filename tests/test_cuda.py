@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import blobs, trainer
+from helpers import blobs, trainer, vgg
 
 pytestmark = [
     pytest.mark.cuda,
@@ -22,7 +22,7 @@ pytestmark = [
 
 
 def test_defaults_on_cuda_are_bf16_channels_last_and_features_stay_on_the_gpu() -> None:
-    t = trainer(device="cuda")
+    t = trainer(vgg(), device="cuda")
     assert t.precision.name == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
     assert t.channels_last and torch.backends.cudnn.benchmark
     history = t.fit(blobs(), blobs(16, seed=7), epochs=3, batch_size=16, num_workers=0)
@@ -32,8 +32,8 @@ def test_defaults_on_cuda_are_bf16_channels_last_and_features_stay_on_the_gpu() 
 
 
 def test_bf16_on_cuda_agrees_with_fp32_on_cpu() -> None:
-    gpu = trainer(device="cuda")
-    cpu = trainer(device="cpu")
+    gpu = trainer(vgg(), device="cuda")
+    cpu = trainer(vgg(), device="cpu")
     h_gpu = gpu.fit(blobs(), blobs(16, seed=7), epochs=2, batch_size=16, num_workers=0)
     h_cpu = cpu.fit(blobs(), blobs(16, seed=7), epochs=2, batch_size=16, num_workers=0)
     assert h_gpu["train_loss"] == pytest.approx(h_cpu["train_loss"], rel=5e-2)
@@ -41,21 +41,21 @@ def test_bf16_on_cuda_agrees_with_fp32_on_cpu() -> None:
 
 
 def test_cached_and_uncached_training_agree_on_cuda() -> None:
-    cached = trainer(device="cuda", precision="fp32")
-    plain = trainer(device="cuda", precision="fp32", cache_features=False)
+    cached = trainer(vgg(), device="cuda", precision="fp32")
+    plain = trainer(vgg(), device="cuda", precision="fp32", cache_features=False)
     h_cached = cached.fit(blobs(), epochs=2, batch_size=16, num_workers=0)
     h_plain = plain.fit(blobs(), epochs=2, batch_size=16, num_workers=0)
     assert h_cached["train_loss"] == pytest.approx(h_plain["train_loss"], rel=1e-3)
 
 
 def test_fp16_with_gradient_scaling_trains_and_resumes(tmp_path: Path) -> None:
-    t = trainer(device="cuda", precision="fp16", cache_features=False)
+    t = trainer(vgg(), device="cuda", precision="fp16", cache_features=False)
     t.unfreeze_features()
     history = t.fit(blobs(), epochs=2, batch_size=16, num_workers=0)
     assert all(torch.isfinite(torch.tensor(history["train_loss"])))
     assert t.scaler.is_enabled() and t.scaler.get_scale() > 0
     path = t.save_checkpoint(tmp_path / "fp16.pt")
-    resumed = trainer(device="cuda", precision="fp16", cache_features=False)
+    resumed = trainer(vgg(), device="cuda", precision="fp16", cache_features=False)
     resumed.load_checkpoint(path)
     assert resumed.scaler.get_scale() == t.scaler.get_scale()
     resumed.fit(blobs(), epochs=3, batch_size=16, num_workers=0)

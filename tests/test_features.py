@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import vggtransfer as vt
-from helpers import blobs, trainer, vgg
+from helpers import ToyVGG, blobs, toy, trainer
 from vggtransfer.data import DogsVsCats
 
 
@@ -56,7 +56,7 @@ def test_auto_caches_frozen_backbone_with_deterministic_data() -> None:
 
 
 def test_append_classifier_caches_the_whole_frozen_net() -> None:
-    model = vt.freeze_features(vt.append_classifier(vt.create_model("vgg11", weights=None), 2))
+    model = vt.freeze_features(vt.append_classifier(ToyVGG(), 2))
     t = vt.Trainer(model, device="cpu", progress=False, seed=0)
     _fit(t, 1)
     assert t.cache_report["fit(train)"] == "on"
@@ -75,9 +75,7 @@ def test_auto_refuses_unfrozen_backbone() -> None:
 
 
 def test_auto_refuses_trainable_batchnorm() -> None:
-    model = vt.replace_classifier(
-        vt.freeze_features(vt.create_model("vgg11_bn", weights=None), batchnorm="trainable"), 2
-    )
+    model = vt.replace_classifier(vt.freeze_features(ToyVGG(), batchnorm="trainable"), 2)
     t = vt.Trainer(model, device="cpu", progress=False, seed=0)
     _fit(t, 1)
     assert t.cache_report["fit(train)"].startswith(
@@ -222,7 +220,8 @@ def test_disk_caches_are_pruned_to_the_limit_and_one_off_caches_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("VGGTRANSFER_CACHE_MEMORY_GB", "0")  # everything to disk
-    monkeypatch.setenv("VGGTRANSFER_CACHE_LIMIT_GB", str(1.5 * 16 * 25088 * 4 / 1e9))  # room for one
+    width = toy().classifier[0].in_features  # floats per cached sample
+    monkeypatch.setenv("VGGTRANSFER_CACHE_LIMIT_GB", str(1.5 * 16 * width * 4 / 1e9))  # room for one
     cache = tmp_path / "cache"
     first, second = trainer(cache_dir=cache), trainer(cache_dir=cache)
     first.fit(blobs(16, seed=1), epochs=1, batch_size=8, num_workers=0)
@@ -268,7 +267,7 @@ def test_evaluate_uses_cached_features_only_when_present() -> None:
 
 
 def test_bf16_autocast_agrees_with_fp32() -> None:
-    model = vgg()
+    model = toy()
     images = blobs(8).tensors[0]
     fp32 = vt.Trainer(model, device="cpu", precision="fp32", progress=False)
     bf16 = vt.Trainer(model, device="cpu", precision="bf16", progress=False)
@@ -280,8 +279,8 @@ def test_bf16_autocast_agrees_with_fp32() -> None:
 
 def test_channels_last_agrees_with_default_layout() -> None:
     images = blobs(8).tensors[0]
-    default = vt.Trainer(vgg(), device="cpu", channels_last=False, progress=False, seed=0)
-    nhwc = vt.Trainer(vgg(), device="cpu", channels_last=True, progress=False, seed=0)
+    default = vt.Trainer(toy(), device="cpu", channels_last=False, progress=False, seed=0)
+    nhwc = vt.Trainer(toy(), device="cpu", channels_last=True, progress=False, seed=0)
     assert nhwc.model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
     a = [p.probabilities for p in default.predict(images)]
     b = [p.probabilities for p in nhwc.predict(images)]
@@ -294,7 +293,7 @@ def test_channels_last_agrees_with_default_layout() -> None:
 def test_fused_adam_is_the_default_and_matches_the_plain_loop() -> None:
     t = trainer()
     assert t.optimizer.defaults["fused"] is True
-    reference = vgg()
+    reference = toy()
     head = [p for p in reference.parameters() if p.requires_grad]
     loop = vt.Trainer(
         reference,

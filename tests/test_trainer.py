@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import vggtransfer as vt
-from helpers import Named, blobs, trainer, vgg, weights_equal
+from helpers import Named, blobs, toy, trainer, weights_equal
 
 
 def test_fit_learns_loss_down_accuracy_up() -> None:
@@ -61,7 +61,7 @@ def test_default_optimizer_holds_only_trainable_parameters() -> None:
 
 
 def test_optimizer_with_frozen_parameters_warns_with_hint() -> None:
-    model = vgg()
+    model = toy()
     with pytest.warns(
         UserWarning,
         match=r"the optimizer holds \d+ frozen parameters .* HINT: build the optimizer from the trainable parameters only",
@@ -70,7 +70,7 @@ def test_optimizer_with_frozen_parameters_warns_with_hint() -> None:
 
 
 def test_model_without_trainable_parameters_is_refused() -> None:
-    model = vgg().requires_grad_(False)
+    model = toy().requires_grad_(False)
     with pytest.raises(ValueError, match="the model has no trainable parameters"):
         vt.Trainer(model, device="cpu")
 
@@ -94,13 +94,13 @@ def test_device_and_precision_errors(kwargs: dict, message: str) -> None:
     if kwargs.get("device") == "cuda" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
-        vt.Trainer(vgg(), **kwargs)
+        vt.Trainer(nn.Linear(4, 2), **kwargs)
 
 
 def test_auto_device_and_precision_on_cpu() -> None:
     if torch.cuda.is_available():
         pytest.skip("checks the CPU fallback")
-    t = vt.Trainer(vgg(), progress=False)
+    t = vt.Trainer(toy(), progress=False)
     assert t.device.type in ("cpu", "mps") and t.precision.name == "fp32"
 
 
@@ -111,7 +111,7 @@ def test_bf16_autocast_trains_on_cpu() -> None:
 
 
 def test_user_dataloader_and_class_names_from_dataset() -> None:
-    t = vt.Trainer(vgg(), device="cpu", seed=0, progress=False)
+    t = vt.Trainer(toy(), device="cpu", seed=0, progress=False)
     loader = DataLoader(Named(blobs(), ["cool", "warm"]), batch_size=16, shuffle=True)
     t.fit(loader, epochs=1)
     assert t.class_names == ["cool", "warm"]
