@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import vggtransfer as vt
+from helpers import ToyVGG
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -143,6 +144,6 @@ def test_models_without_vgg_layout_freeze_everything_but_head(arch: str) -> None
 
 def test_freeze_rejects_unknown_policy_and_headless_module() -> None:
     with pytest.raises(ValueError, match="expected batchnorm to be 'frozen' or 'trainable' but got 'eval'"):
-        vt.freeze_features(vt.create_model("vgg11", weights=None), batchnorm="eval")  # type: ignore[arg-type]
+        vt.freeze_features(ToyVGG(), batchnorm="eval")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="cannot find the classifier head of Conv2d"):
         vt.freeze_features(nn.Conv2d(3, 3, 1))

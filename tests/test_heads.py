@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 
 import pytest
@@ -7,10 +8,12 @@ import torch
 from torch import nn
 
 import vggtransfer as vt
+from helpers import ToyVGG
 
-# One small member of every torchvision classification family, with an input size it accepts.
+# One small member of every torchvision classification family, with the smallest input it accepts
+# (MaxViT's 7x7 partitions need 224; ViT is built for 32 px).
 FAMILIES = {
-    "alexnet": 64,
+    "alexnet": 63,
     "convnext_tiny": 32,
     "densenet121": 32,
     "efficientnet_b0": 32,
@@ -23,11 +26,22 @@ FAMILIES = {
     "regnet_x_400mf": 32,
     "resnet18": 32,
     "shufflenet_v2_x0_5": 32,
-    "squeezenet1_1": 64,
+    "squeezenet1_1": 32,
     "swin_t": 32,
     "vgg11": 32,
-    "vit_b_32": 224,
+    "vit_b_32": 32,
 }
+BUILD_OPTIONS = {"vit_b_32": {"image_size": 32}}
+
+
+_BUILT: dict[str, nn.Module] = {}
+
+
+def _build(arch: str) -> nn.Module:
+    """A fresh copy of ``arch``: initialising the weights is what takes time, so it is done once."""
+    if arch not in _BUILT:
+        _BUILT[arch] = vt.create_model(arch, weights=None, **BUILD_OPTIONS.get(arch, {}))
+    return copy.deepcopy(_BUILT[arch])
 
 
 def test_families_cover_every_torchvision_prefix() -> None:
@@ -35,6 +49,12 @@ def test_families_cover_every_torchvision_prefix() -> None:
     covered = {name.split("_")[0].rstrip("0123456789") for name in FAMILIES}
     # resnext and wide_resnet share ResNet's class; efficientnet_v2 and swin_v2 their v1 classes.
     assert prefixes - covered <= {"resnext", "wide"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _forget_built_models():
+    yield
+    _BUILT.clear()  # about 2 GB of weights: not kept for the rest of the session
 
 
 @pytest.fixture(params=sorted(FAMILIES), scope="module")
@@ -50,7 +70,7 @@ def _logits(model: nn.Module, size: int) -> torch.Tensor:
 
 def test_replace_classifier_on_every_family(family: tuple[str, int]) -> None:
     arch, size = family
-    model = vt.replace_classifier(vt.create_model(arch, weights=None), 3)
+    model = vt.replace_classifier(_build(arch), 3)
     assert _logits(model, size).shape == (2, 3)
     _, head = vt.find_classifier(model)
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
@@ -59,14 +79,14 @@ def test_replace_classifier_on_every_family(family: tuple[str, int]) -> None:
 
 def test_append_classifier_on_every_family(family: tuple[str, int]) -> None:
     arch, size = family
-    model = vt.append_classifier(vt.create_model(arch, weights=None), 2, hidden=())
+    model = vt.append_classifier(_build(arch), 2, hidden=())
     assert _logits(model, size).shape == (2, 2)
     assert model.classifier[0].in_features == 1000
 
 
 def test_freeze_then_train_head_only_on_every_family(family: tuple[str, int]) -> None:
     arch, size = family
-    model = vt.freeze_features(vt.replace_classifier(vt.create_model(arch, weights=None), 2))
+    model = vt.freeze_features(vt.replace_classifier(_build(arch), 2))
     name, _ = vt.find_classifier(model)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -197,7 +217,7 @@ def test_headless_module_gets_type_error_naming_what_was_found() -> None:
     ],
 )
 def test_replace_classifier_option_errors(kwargs: dict, error: type, message: str) -> None:
-    model = vt.create_model("vgg11", weights=None)
+    model = ToyVGG()  # the checks come before the model matters
     before = model.classifier
     with pytest.raises(error, match=message):
         vt.replace_classifier(model, **kwargs)
