@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -511,3 +513,270 @@ def test_custom_loss_fn_and_non_vggtransfer_model() -> None:
     with torch.no_grad():
         index = int(t.model.eval()(image[None]).argmax())
     assert (prediction.index, prediction.label) == (index, str(index))  # no class names: indices
+
+
+# ---------------------------------------------------------------------------- bad arguments, bad data
+
+TRAINER_ARGUMENT_ERRORS = [
+    ({"lr": "x"}, TypeError, "Trainer: expected lr to be a number such as 1e-3 but got 'x' (str)"),
+    ({"lr": -1.0}, ValueError, "Trainer: expected lr to be a finite number > 0 such as 1e-3 but got -1.0"),
+    (
+        {"seed": "abc"},
+        TypeError,
+        "Trainer: expected seed to be None or an int in [0, 2**63) but got 'abc' (str)",
+    ),
+    (
+        {"seed": 1.5},
+        TypeError,
+        "Trainer: expected seed to be None or an int in [0, 2**63) but got 1.5 (float)",
+    ),
+    ({"seed": 2**70}, ValueError, f"Trainer: expected seed to be an int in [0, 2**63) but got {2**70}"),
+    (
+        {"optimizer": "adam"},
+        TypeError,
+        "Trainer: expected optimizer to be a torch.optim.Optimizer or None but got 'adam'",
+    ),
+    (
+        {"scheduler": 5},
+        TypeError,
+        "Trainer: expected scheduler to be a torch LR scheduler, a function that makes one",
+    ),
+    (
+        {"loss_fn": 5},
+        TypeError,
+        "Trainer: expected loss_fn to be callable, such as nn.CrossEntropyLoss(), but got 5",
+    ),
+    (
+        {"transform": "resize"},
+        TypeError,
+        "Trainer: expected transform to be callable, such as vt.imagenet_transform()",
+    ),
+    (
+        {"cache_dir": 5},
+        TypeError,
+        "Trainer: expected cache_dir to be a path (str or os.PathLike) or None but got 5",
+    ),
+    (
+        {"class_names": "cats"},
+        TypeError,
+        "Trainer: expected class_names to be a list of strings, one per class",
+    ),
+    (
+        {"class_names": ["cat", "cat"]},
+        ValueError,
+        "Trainer: class_names must be distinct but ['cat'] appear more",
+    ),
+    (
+        {"class_names": ["a", "b", "c"]},
+        ValueError,
+        "Trainer: got 3 class_names ['a', 'b', 'c'] but the model has 2 outputs",
+    ),
+    ({"class_names": [1, 2]}, TypeError, "Trainer: expected every class name to be a str but got 1 (int)"),
+    (
+        {"channels_last": "yes"},
+        TypeError,
+        "Trainer: expected channels_last to be 'auto', True or False but got 'yes'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), TRAINER_ARGUMENT_ERRORS)
+def test_bad_trainer_arguments_are_refused_before_anything_changes(
+    kwargs: dict, error: type, message: str
+) -> None:
+    model = toy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error) as raised:
+        vt.Trainer(model, device="cpu", progress=False, **kwargs)
+    assert str(raised.value).startswith(message)
+    assert all(  # the model was not moved or changed
+        torch.equal(before[k], v) for k, v in model.state_dict().items()
+    )
+
+
+def test_numpy_values_are_accepted_where_python_ones_are(tmp_path: Path) -> None:
+    t = vt.Trainer(toy(), device="cpu", progress=False, lr=np.float64(1e-3), seed=np.int64(7),
+                   class_names=np.array(["cool", "warm"]))  # fmt: skip
+    assert (t.lr, t.seed, t.class_names) == (1e-3, 7, ["cool", "warm"])
+    assert type(t.lr) is float and type(t.seed) is int
+    t.fit(blobs(16), epochs=1, batch_size=np.int64(8), num_workers=np.int64(0))
+    assert len(t.history) == 1
+
+
+def test_one_output_with_cross_entropy_is_refused_with_the_two_ways_out() -> None:
+    with pytest.raises(
+        ValueError, match=r"^Trainer: the model has 1 output, and the default loss .* is then 0"
+    ):
+        vt.Trainer(toy(num_classes=1), device="cpu", progress=False)
+    vt.Trainer(toy(num_classes=1), device="cpu", progress=False, loss_fn=lambda logits, y: logits.sum())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (
+            {"batch_size": None},
+            TypeError,
+            "fit: expected batch_size to be a positive int but got None (NoneType)",
+        ),
+        (
+            {"batch_size": 0},
+            ValueError,
+            "fit: expected batch_size to be a positive int (1 or more) but got 0",
+        ),
+        (
+            {"num_workers": "2"},
+            TypeError,
+            "fit: expected num_workers to be None (automatic) or an int >= 0 but got '2'",
+        ),
+        ({"num_workers": -1}, ValueError, "fit: expected num_workers to be None or an int >= 0 but got -1"),
+        (
+            {"early_stopping": 5},
+            TypeError,
+            "fit: expected early_stopping to be a vt.EarlyStopping or None but got int",
+        ),
+        (
+            {"checkpoint_dir": 5},
+            TypeError,
+            "fit: expected checkpoint_dir to be a folder path (str or os.PathLike)",
+        ),
+        (
+            {"epochs": 2.0},
+            ValueError,
+            "fit: expected epochs to be an int >= 0 (the total to reach) but got 2.0",
+        ),
+    ],
+)
+def test_bad_fit_arguments_are_refused_before_training(kwargs: dict, error: type, message: str) -> None:
+    t = trainer()
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    with pytest.raises(error) as raised:
+        t.fit(blobs(16), **{"epochs": 1, **kwargs})
+    assert str(raised.value).startswith(message)
+    assert t.epoch == 0 and all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+
+
+def test_predict_batch_size_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"^predict: expected batch_size to be a positive int but got 0$"):
+        trainer().predict(torch.zeros(3, 32, 32), batch_size=0)
+
+
+def _labelled(labels: list[int] | torch.Tensor) -> TensorDataset:
+    images = blobs(len(labels)).tensors[0]
+    return TensorDataset(images, torch.as_tensor(labels))
+
+
+class Listed(Dataset):
+    """Samples from a list, so that labels are only seen batch by batch (nothing to read up front)."""
+
+    def __init__(self, samples: list) -> None:
+        self.samples_ = samples
+
+    def __len__(self) -> int:
+        return len(self.samples_)
+
+    def __getitem__(self, i: int):
+        return self.samples_[i]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (
+            2,
+            "fit(train): label 2 is out of range for a model with 2 outputs; labels must be class indices 0 to 1.",
+        ),
+        (-1, "fit(train): label -1 is out of range for a model with 2 outputs"),
+        (
+            -100,
+            "fit(train): label -100 is out of range for a model with 2 outputs; labels must be class indices 0 to 1 (-100 is cross-entropy's ignore_index",
+        ),
+    ],
+)
+def test_out_of_range_labels_are_named(bad: int, message: str, cache: bool) -> None:
+    labels = [0, 1] * 7 + [bad, 0]
+    # Labels a TensorDataset holds are checked before training; others batch by batch, before the
+    # batch reaches the loss (here the second batch: one step is done).
+    known, listed = _labelled(labels), Listed(list(zip(blobs(16).tensors[0], labels, strict=True)))
+    for data, steps in ((known, 0), (listed, 0 if cache else 1)):
+        t = trainer(cache_features=cache)
+        with pytest.raises(ValueError) as raised:
+            t.fit(data, epochs=1, batch_size=8, num_workers=0)
+        assert str(raised.value).startswith(message)
+        assert t.epoch == 0 and t.global_step == steps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_float_and_bool_labels_are_a_type_error_on_both_paths(dtype: torch.dtype) -> None:
+    labels = torch.tensor([0, 1] * 8).to(dtype)
+    for cache in (True, False):
+        with pytest.raises(
+            TypeError,
+            match=f"expected integer class indices as labels but got a {dtype} tensor|the first one is a {dtype} tensor",
+        ):
+            trainer(cache_features=cache).fit(_labelled(labels), epochs=1, batch_size=8, num_workers=0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_images_of_different_sizes_in_a_batch_are_explained(workers: int) -> None:
+    samples = [(torch.randn(3, 32, 32), 0)] * 5 + [(torch.randn(3, 48, 40), 1)] * 3
+    t = trainer(cache_features=False)
+    with pytest.raises(ValueError) as raised:
+        t.fit(Listed(samples), epochs=1, batch_size=8, num_workers=workers)
+    assert str(raised.value) == (
+        "fit(train): the images of one batch have different sizes, [3, 32, 32] and [3, 48, 40], so they "
+        "cannot be stacked; give the dataset a transform that gives every image one size, e.g. "
+        "vt.imagenet_transform() (resize and centre crop)"
+    )
+
+
+def test_single_class_data_on_a_two_output_model_is_refused_before_training(tmp_path: Path) -> None:
+    t = vt.Trainer(toy(), device="cpu", progress=False)
+    with pytest.raises(
+        ValueError, match=r"^fit: the training data has 1 classes \['cat'\] but the model has 2 outputs"
+    ):
+        t.fit(
+            Named(_labelled([0] * 8), ["cat"]), epochs=1, batch_size=4, num_workers=0, checkpoint_dir=tmp_path
+        )
+    assert list(tmp_path.iterdir()) == [] and t.class_names is None
+
+
+def test_unwritable_checkpoint_dir_is_found_before_training(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    t = trainer()
+    with pytest.raises(OSError, match=r"^\[Errno \d+\] fit: checkpoint_dir '.*a-file/run' cannot be written"):
+        t.fit(blobs(16), epochs=1, batch_size=8, num_workers=0, checkpoint_dir=blocker / "run")
+    assert t.epoch == 0
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    with (
+        _read_only(readonly),
+        pytest.raises(
+            OSError, match=r"fit: checkpoint_dir '.*readonly' cannot be written \((Read-only|Permission)"
+        ),
+    ):
+        t.fit(blobs(16), epochs=1, batch_size=8, num_workers=0, checkpoint_dir=readonly)
+    assert t.epoch == 0 and list(readonly.iterdir()) == []
+
+
+@contextlib.contextmanager
+def _read_only(folder: Path):
+    """``folder`` made unwritable: a read-only tmpfs mounted on it as root (root ignores permissions)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"running as root and cannot mount a read-only tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

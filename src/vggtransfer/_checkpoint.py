@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,12 +281,20 @@ class EpochFiles:
     """
 
     def __init__(self, folder: str | os.PathLike[str] | None) -> None:
+        """Check, before any training, that ``folder`` can be created and written to.
+
+        Raises:
+            TypeError: ``folder`` is not a path.
+            OSError: the folder cannot be created or written (read-only, not a folder, no space).
+        """
         if folder is not None and not isinstance(folder, (str, os.PathLike)):
             raise TypeError(
                 f"fit: expected checkpoint_dir to be a folder path (str or os.PathLike) or None but "
                 f"got {type(folder).__name__}"
             )
         self.folder = Path(folder) if folder is not None else None
+        if self.folder is not None:
+            _check_writable(self.folder)
 
     def after_epoch(self, save: Callable[[Path], Path], *, improved: bool) -> None:
         """Write ``last.pt``, and ``best.pt`` when the epoch improved; nothing without a folder."""
@@ -306,6 +315,20 @@ class EpochFiles:
             progress.message(
                 f"interrupted: saved a checkpoint to {path}; resume with trainer.load_checkpoint(path)"
             )
+
+
+def _check_writable(folder: Path) -> None:
+    # Found out now rather than after the first epoch: create the folder, write and remove a probe.
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise type(exc)(
+            exc.errno,
+            f"fit: checkpoint_dir {str(folder)!r} cannot be written ({exc.strerror or exc}); nothing "
+            f"was trained. Choose a writable folder, or leave checkpoint_dir out",
+        ) from None
 
 
 class LoadedModel(NamedTuple):

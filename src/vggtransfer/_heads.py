@@ -32,6 +32,7 @@ __all__ = [
     "append_classifier",
     "find_classifier",
     "is_appended",
+    "known_output_count",
     "locate_head",
     "output_count",
     "replace_classifier",
@@ -109,6 +110,14 @@ def find_classifier(model: nn.Module) -> tuple[str, nn.Module]:
     """
     head = locate_head(model, "find_classifier")
     return head.name, head.module
+
+
+def known_output_count(model: nn.Module) -> int | None:
+    """:func:`output_count`, or None for a model whose head cannot be found (the user's own)."""
+    try:
+        return output_count(model)
+    except TypeError:
+        return None
 
 
 def output_count(model: nn.Module, caller: str = "Trainer") -> int:

@@ -78,16 +78,9 @@ def build_optimizer(
     """``optimizer`` (warned about if it holds frozen parameters), or Adam over the trainable ones.
 
     Raises:
-        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
         ValueError: no parameter of ``model`` is trainable (for the default optimizer).
     """
-    if optimizer is not None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"Trainer: expected optimizer to be a torch.optim.Optimizer or None but got "
-                f"{optimizer!r}; build one, e.g. torch.optim.SGD(params, lr=0.01), or leave it out "
-                f"for Adam at lr"
-            )
+    if optimizer is not None:  # its type was checked with the other arguments
         frozen = sum(1 for group in optimizer.param_groups for p in group["params"] if not p.requires_grad)
         if frozen:
             warnings.warn(
@@ -117,9 +110,15 @@ def build_optimizer(
 
 def build_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
     """``scheduler`` itself, or what it makes from ``optimizer`` when it is a factory."""
-    if scheduler is not None and not hasattr(scheduler, "state_dict") and callable(scheduler):
-        return scheduler(optimizer)
-    return scheduler
+    if scheduler is None or hasattr(scheduler, "state_dict"):
+        return scheduler
+    made = scheduler(optimizer)
+    if not (hasattr(made, "step") and hasattr(made, "state_dict")):
+        raise TypeError(
+            f"Trainer: the scheduler function returned {made!r}, not an LR scheduler; it should build "
+            f"one for the optimizer it is given, e.g. lambda opt: torch.optim.lr_scheduler.StepLR(opt, 5)"
+        )
+    return made
 
 
 def step_scheduler(scheduler: Any, record: dict[str, float]) -> None:

@@ -11,7 +11,9 @@ on the images would, and a resumed run visits them as the uninterrupted run did.
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -21,9 +23,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from ._arguments import check_positive_int, check_workers
+from ._batch import check_known_labels, check_targets, collate_checked
 from ._feature_cache import FeatureCache
 from ._feature_store import FeatureSet
-from ._heads import locate_head
+from ._heads import known_output_count, locate_head
 from ._progress import Progress
 from ._runtime import Runtime, unwrap
 
@@ -105,10 +109,12 @@ def make_loader(
     pin_memory: bool,
     rank: int = 0,
     world: int = 1,
+    what: str = "fit(train)",
 ) -> DataLoader[Any]:
     """A DataLoader that shuffles with :class:`EpochShuffle` and seeds workers per epoch.
 
     Under ``torchrun`` (``world > 1``) it reads only process ``rank``'s share of ``data``.
+    Batches of images of mixed sizes fail with a :class:`BatchError` naming ``what``.
     """
     workers = default_workers() if num_workers is None else num_workers
     size = len(data)  # type: ignore[arg-type]
@@ -123,6 +129,7 @@ def make_loader(
         sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
+        collate_fn=functools.partial(collate_checked, what=what),
         # Worker seeds are drawn from this generator, reseeded every epoch.
         generator=torch.Generator().manual_seed(seed),
         # Workers that outlive an epoch would carry their random state into the next one and
@@ -139,14 +146,18 @@ class LoaderSource:
     loader: DataLoader[Any]
     forward: Callable[[torch.Tensor], torch.Tensor]
     seed: int
+    outputs: int | None = None  # the model's class count, for the label check
+    what: str = "fit(train)"
 
-    def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of ``epoch``, in that epoch's order."""
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of ``epoch``, in that epoch's order, their labels checked on the CPU."""
         if isinstance(self.loader.sampler, EpochShuffle):
             self.loader.sampler.set_epoch(epoch)
         if self.loader.generator is not None:
             self.loader.generator.manual_seed(self.seed + epoch)
-        return self.loader
+        for inputs, targets in self.loader:
+            check_targets(targets, self.outputs, self.what)
+            yield inputs, targets
 
     @property
     def steps(self) -> int | None:
@@ -230,10 +241,16 @@ def _check_sample(sample: Any, what: str) -> None:
             f"{type(image).__name__}; give the dataset a transform, e.g. "
             f"ImageFolder(root, transform=vt.imagenet_transform())"
         )
-    if not isinstance(label, (int, torch.Tensor)) or isinstance(label, bool):
+    integer_tensor = (
+        isinstance(label, torch.Tensor)
+        and label.ndim == 0
+        and not (label.dtype == torch.bool or label.is_floating_point() or label.is_complex())
+    )
+    if not (isinstance(label, numbers.Integral) or integer_tensor) or isinstance(label, bool):
+        found = f"{label.dtype} tensor" if isinstance(label, torch.Tensor) else type(label).__name__
         raise TypeError(
             f"{what}: expected the label of each sample to be an int class index but the first one "
-            f"is a {type(label).__name__}"
+            f"is a {found} ({label!r}); labels are not rounded or converted"
         )
 
 
@@ -271,7 +288,13 @@ def batch_source(
         TypeError, ValueError: see :func:`check_data`; ``cache_features=True`` for data whose
             features vary.
     """
+    caller = what.split("(")[0]
+    batch_size = check_positive_int(batch_size, "batch_size", caller)
+    num_workers = check_workers(num_workers, caller)
     check_data(data, what, runtime.world_size)
+    network = unwrap(model)
+    outputs = known_output_count(network)
+    check_known_labels(data, outputs, what)
 
     def loader(shuffled: bool) -> DataLoader[Any]:
         return make_loader(
@@ -283,9 +306,9 @@ def batch_source(
             pin_memory=runtime.pin_memory,
             rank=runtime.rank,
             world=runtime.world_size,
+            what=what,
         )
 
-    network = unwrap(model)
     features = cache.features(
         network,
         data,
@@ -296,19 +319,23 @@ def batch_source(
         compute=compute_cache,
     )
     if features is not None:
+        check_targets(
+            features.targets, outputs, what
+        )  # once: other datasets had only their first sample checked
         head = runtime.wrap(locate_head(network, "Trainer").module, training=shuffle)
         return CachedSource(
             features, head, batch_size, shuffle, seed, runtime.device, runtime.rank, runtime.world_size
         )
     images = data if isinstance(data, DataLoader) else loader(shuffle)
-    return LoaderSource(images, runtime.wrap(model, training=shuffle), seed)
+    return LoaderSource(images, runtime.wrap(model, training=shuffle), seed, outputs, what)
 
 
-def class_names_of(data: Data, current: list[str] | None) -> list[str] | None:
+def class_names_of(data: Data, current: list[str] | None, outputs: int | None) -> list[str] | None:
     """The class names to use: ``current``, else the ``classes`` of ``data`` (as ImageFolder has).
 
     Raises:
-        ValueError: ``data`` names other classes than ``current``; labels would be misnamed.
+        ValueError: ``data`` names other classes than ``current``, or not one per model output
+            (``outputs``); labels would be misnamed, and the checkpoint could not be loaded.
     """
     dataset: Any = data.dataset if isinstance(data, DataLoader) else data
     while isinstance(dataset, Subset):  # a split of a dataset keeps its classes
@@ -316,6 +343,12 @@ def class_names_of(data: Data, current: list[str] | None) -> list[str] | None:
     found = getattr(dataset, "classes", None)
     if not isinstance(found, (list, tuple)) or not all(isinstance(c, str) for c in found):
         return current
+    if outputs is not None and len(found) != outputs:
+        raise ValueError(
+            f"fit: the training data has {len(found)} classes {list(found)} but the model has {outputs} "
+            f"outputs; build the head for them with vt.replace_classifier(model, {len(found)})"
+            + (" (a single class cannot be learnt: add data of another class)" if len(found) == 1 else "")
+        )
     if current is not None and list(found) != current:
         raise ValueError(
             f"fit: the training data's classes {list(found)} differ from the Trainer's "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,12 +18,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ._arguments import check_epochs, check_optional_path, check_trainer_inputs
 from ._checkpoint import EpochFiles, TrainingObjects, check_savable, make_payload, read_resume
 from ._checkpoint_file import atomic_save
 from ._distributed import barrier
 from ._early_stopping import BestTracker, EarlyStopping
 from ._feature_cache import CacheMode, FeatureCache
-from ._heads import output_count
+from ._heads import known_output_count, output_count
 from ._history import History
 from ._metrics import ConfusionMatrix, RunningMean
 from ._optimizer import build_optimizer, build_scheduler, step_scheduler, unfreeze_into
@@ -123,23 +123,23 @@ class Trainer:
         compile_features: bool = False,
         compile_model: bool = False,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"Trainer: expected model to be an nn.Module but got {type(model).__name__}")
+        # Everything is checked before the model moves or the process joins a torchrun group.
+        self.lr, self.seed, self.class_names = check_trainer_inputs(
+            model, optimizer=optimizer, lr=lr, loss_fn=loss_fn, scheduler=scheduler,
+            class_names=class_names, transform=transform, seed=seed,
+        )  # fmt: skip
         self._cache = FeatureCache(
-            cache_features, Path(cache_dir) if cache_dir is not None else None, compile_features
+            cache_features, check_optional_path(cache_dir, "cache_dir", "Trainer"), compile_features
         )
         self.runtime = Runtime.start(
             device=device, precision=precision, channels_last=channels_last, compile_model=compile_model
         )
         self.model = self.runtime.place(model)
-        self.lr = lr
-        self.optimizer = build_optimizer(self.model, optimizer, lr)
+        self.optimizer = build_optimizer(self.model, optimizer, self.lr)
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
         self.scheduler = build_scheduler(scheduler, self.optimizer)
         self.scaler = self.runtime.precision.make_scaler()
-        self.class_names = list(class_names) if class_names is not None else None
         self.transform = transform if transform is not None else default_transform(self.network)
-        self.seed = seed if seed is not None else secrets.randbits(62)
         self.progress = make_progress(progress and self.runtime.rank == 0)  # rank 0 alone prints
         self.epoch = 0
         self.global_step = 0
@@ -239,12 +239,12 @@ class Trainer:
             FloatingPointError: the loss became NaN or infinite; names epoch and step.
             KeyboardInterrupt: after saving ``interrupted.pt``.
         """
-        _check_epochs(epochs)
+        epochs = check_epochs(epochs)
         self._best.watch(early_stopping, has_val=val is not None)
         files = EpochFiles(checkpoint_dir)
         train_source = self._source(train, "fit(train)", batch_size, num_workers, shuffle=True)
         val_source = None if val is None else self._source(val, "fit(val)", batch_size, num_workers)
-        self.class_names = class_names_of(train, self.class_names)
+        self.class_names = class_names_of(train, self.class_names, known_output_count(self.network))
         try:
             while self.epoch < epochs:
                 record = self._run_epoch(train_source, val_source, epochs)
@@ -486,8 +486,3 @@ class Trainer:
 
     def _training_objects(self) -> TrainingObjects:
         return TrainingObjects(self.optimizer, self.scheduler, self.scaler, self._best)
-
-
-def _check_epochs(epochs: object) -> None:
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"fit: expected epochs to be an int >= 0 (the total to reach) but got {epochs!r}")
