@@ -17,7 +17,7 @@ from torchvision.models import ResNet18_Weights
 
 import vggtransfer as vt
 from helpers import blobs, toy, trainer, vgg, weights_equal
-from vggtransfer._checkpoint_file import atomic_save
+from vggtransfer._checkpoint_file import atomic_save, tensor_checksum
 
 
 def _fit(t: vt.Trainer, epochs: int) -> None:
@@ -206,6 +206,8 @@ def _tampered(tmp_path: Path, change) -> tuple[vt.Trainer, Path]:
     path = t.save_checkpoint(tmp_path / "ck.pt")
     data = torch.load(path, weights_only=True)
     change(data)
+    # A consistent edit (as another program would make it): the checks behind the checksum are tested.
+    data["checksum"] = tensor_checksum(data)
     torch.save(data, path)
     return trainer(build()), path
 
@@ -245,7 +247,7 @@ def _optimizer(data: dict) -> None:
 TAMPERING = [
     (_drop_key, r"does not fit this model; nothing was loaded:\n  1 missing keys \(e.g. classifier.0.bias\)"),
     (_nan, r"holds NaN or infinite values in 1 tensors \(first: classifier.3.weight\)"),
-    (_version, "has format version 99, but this vggtransfer reads versions 1 to 1; upgrade vggtransfer"),
+    (_version, "has format version 99, but this vggtransfer reads versions 1 to 2; upgrade vggtransfer"),
     (_three_classes, r"has 3 classes \['cool', 'warm', 'hot'\] but this model has 2 outputs"),
     (
         _renamed_classes,
@@ -285,7 +287,7 @@ def test_not_a_checkpoint_and_truncated_files(tmp_path: Path) -> None:
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(
         vt.CheckpointError,
-        match=f"cannot read checkpoint '{truncated}': .* The file is truncated or not a PyTorch file",
+        match=rf"^cannot read checkpoint '{truncated}' \(RuntimeError: PytorchStreamReader failed reading zip archive: failed finding central directory\); the file is truncated, damaged or not a PyTorch file",
     ):
         trainer().load_checkpoint(truncated)
     with pytest.raises(FileNotFoundError, match="checkpoint '.*nope.pt' does not exist"):
@@ -385,6 +387,7 @@ def test_wrapped_models_save_without_prefixes_and_prefixed_files_load(tmp_path: 
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
     data = torch.load(path, weights_only=True)
     data["model"] = {f"module._orig_mod.{k}": v for k, v in data["model"].items()}
+    data["checksum"] = tensor_checksum(data)  # as a program that saved the wrapped model would
     torch.save(data, path)
     fresh = trainer(vgg())
     fresh.load_checkpoint(path)
@@ -445,4 +448,4 @@ def test_checkpoint_is_plain_data_readable_without_vggtransfer(tmp_path: Path) -
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
     )
-    assert out.stdout.startswith("vggtransfer.checkpoint 1 ")
+    assert out.stdout.startswith("vggtransfer.checkpoint 2 ")

@@ -21,17 +21,31 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ._checkpoint_file import FORMAT, FORMAT_VERSION, CheckpointError, check_finite, read_checkpoint, to_cpu
+from ._checkpoint_checks import (
+    check_identity,
+    check_model_state,
+    check_optimizer,
+    check_trainer_fields,
+    plain,
+)
+from ._checkpoint_file import (
+    FORMAT,
+    FORMAT_VERSION,
+    CheckpointError,
+    check_finite,
+    read_checkpoint,
+    tensor_checksum,
+    to_cpu,
+)
 from ._early_stopping import BestTracker
 from ._freeze import frozen_keys
-from ._heads import output_count
 from ._history import History
 from ._models import rebuild_model
 from ._progress import Progress
 from ._rng import capture_rng
 from ._runtime import resolve_device
 from ._spec import build_spec
-from ._state_dict import cpu_state_dict, fingerprint, merge_into, state_dict_differences
+from ._state_dict import cpu_state_dict, fingerprint, merge_into
 from ._transforms import ImageTransform, default_transform
 
 __all__ = [
@@ -56,12 +70,16 @@ class TrainingObjects:
     best: BestTracker
 
 
-def check_savable(network: nn.Module, *, head_only: bool) -> None:
-    """Refuse to save weights that cannot be loaded back usefully, before anything is written.
+def check_savable(network: nn.Module, *, head_only: bool, fields: dict[str, Any]) -> dict[str, Any]:
+    """Refuse what cannot be saved and loaded back, before anything is written; return ``fields`` as plain data.
+
+    Every torchrun process runs this (they hold the same weights and data), so that all raise
+    together rather than leave the others waiting for rank 0's file.
 
     Raises:
         CheckpointError: NaN or infinite weights, or ``head_only`` for a backbone that
             cannot be rebuilt.
+        TypeError: a field holds something no checkpoint can (see :func:`plain`).
     """
     if head_only and not build_spec(network).get("weights"):
         raise CheckpointError(
@@ -70,6 +88,7 @@ def check_savable(network: nn.Module, *, head_only: bool) -> None:
             "checkpoint (head_only=False)"
         )
     check_finite(network.state_dict(), what="save_checkpoint: the model")
+    return {name: plain(value, name) for name, value in fields.items()}
 
 
 def make_payload(
@@ -87,11 +106,11 @@ def make_payload(
     Args:
         network: The unwrapped model.
         head_only: Leave out the frozen entries, recording their fingerprint instead.
-        counters: The run's plain fields: epoch, global_step, interrupted, seed, lr,
-            precision, unfreeze_lr, history (as a dict).
-        class_names: Names in output order, or None.
+        counters: The run's plain fields (from :func:`check_savable`): epoch, global_step,
+            interrupted, seed, lr, precision, unfreeze_lr, history (as a dict).
+        class_names: Names in output order, or None (plain, from :func:`check_savable`).
         transform: The Trainer's transform; recorded when it is an :class:`ImageTransform`.
-        extra: The user's plain data.
+        extra: The user's plain data (from :func:`check_savable`).
         objects: The training objects to resume from; None for a deployment file.
     """
     spec = build_spec(network)
@@ -105,7 +124,7 @@ def make_payload(
             best=to_cpu(objects.best.state_dict()),
             rng=capture_rng(),
         )
-    return {
+    payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": cpu_state_dict(network, skip=skip),
@@ -117,6 +136,8 @@ def make_payload(
         "extra": copy.deepcopy(extra),
         "trainer": trainer,
     }
+    payload["checksum"] = tensor_checksum(payload)  # a flipped bit anywhere in the tensors is found on load
+    return payload
 
 
 @dataclass(frozen=True)
@@ -170,7 +191,7 @@ def read_resume(
     """
     source = str(path)
     data = read_checkpoint(path)
-    _check_identity(data, network, class_names, source=source)
+    check_identity(data, network, class_names, source=source)
     saved = data["trainer"]
     if not saved.get("resumable", False):
         raise CheckpointError(
@@ -183,11 +204,18 @@ def read_resume(
             f"checkpoint {source!r} was saved before the features were unfrozen, but this "
             f"Trainer has already unfrozen them; load it into a Trainer built like the original"
         )
+    check_trainer_fields(saved, network, source=source)
     needs_unfreeze = saved_unfreeze is not None and not unfrozen
     target_frozen = set() if needs_unfreeze else frozen_keys(network)
-    _check_model_state(data, network, target_frozen if data["head_only"] else set(), source=source)
-    _check_optimizer_shape(optimizer, saved["optimizer"], network, needs_unfreeze, source=source)
-    settings = data.get("transform")
+    check_model_state(data, network, target_frozen if data["head_only"] else set(), source=source)
+    params = [list(group["params"]) for group in optimizer.param_groups]
+    if needs_unfreeze:  # the group unfreeze_features will add: every parameter not held yet
+        held = {id(p) for group in params for p in group}
+        params.append([p for p in network.parameters() if id(p) not in held])
+    check_optimizer(optimizer, saved["optimizer"], params, source=source)
+    transform = _transform_of(data, source)
+    if not isinstance(data.get("extra", {}), dict):
+        raise CheckpointError(f"checkpoint {source!r} is damaged: 'extra' is not a dict")
     names = data.get("class_names")
     return ResumePoint(
         model=data["model"],
@@ -202,75 +230,9 @@ def read_resume(
         seed=int(saved["seed"]),
         history=History.from_dict(saved["history"]),
         class_names=list(names) if names is not None else None,
-        transform=ImageTransform.from_dict(settings) if settings is not None else None,
+        transform=transform,
         extra=dict(data.get("extra") or {}),
     )
-
-
-def _check_identity(
-    data: dict[str, Any], network: nn.Module, class_names: list[str] | None, *, source: str
-) -> None:
-    saved_arch = data["build"].get("arch")
-    my_arch = build_spec(network).get("arch")
-    if saved_arch and my_arch and saved_arch != my_arch:
-        raise CheckpointError(
-            f"checkpoint {source!r} was saved from a {saved_arch!r} model but this model is a "
-            f"{my_arch!r}; build the same architecture (vt.create_model({saved_arch!r}, ...)) or use "
-            f"vt.load_model(path)"
-        )
-    saved_names = data.get("class_names")
-    outputs = output_count(network)
-    if saved_names is not None and len(saved_names) != outputs:
-        raise CheckpointError(
-            f"checkpoint {source!r} has {len(saved_names)} classes {saved_names} but this model has "
-            f"{outputs} outputs; build it with vt.replace_classifier(model, {len(saved_names)})"
-        )
-    if saved_names is not None and class_names is not None and list(saved_names) != list(class_names):
-        raise CheckpointError(
-            f"checkpoint {source!r} has classes {saved_names} but this Trainer has {class_names}; "
-            f"predictions would be misnamed"
-        )
-
-
-def _check_model_state(data: dict[str, Any], network: nn.Module, frozen: set[str], *, source: str) -> None:
-    state = data["model"]
-    current = network.state_dict()
-    if data["head_only"]:
-        if fingerprint(current, frozen) != data.get("backbone_sha256"):
-            raise CheckpointError(
-                f"checkpoint {source!r} holds only a head trained on a specific backbone "
-                f"({data['build'].get('arch')}, weights {data['build'].get('weights')}), and this "
-                f"model's frozen backbone differs from it; build the model with those weights"
-            )
-        current = {k: v for k, v in current.items() if k not in frozen}
-    differences = state_dict_differences(current, state)
-    if differences:
-        raise CheckpointError(
-            f"checkpoint {source!r} does not fit this model; nothing was loaded:\n  "
-            + "\n  ".join(differences)
-        )
-    check_finite(state, what=f"checkpoint {source!r}")
-
-
-def _check_optimizer_shape(
-    optimizer: torch.optim.Optimizer,
-    saved: dict[str, Any],
-    network: nn.Module,
-    needs_unfreeze: bool,
-    *,
-    source: str,
-) -> None:
-    sizes = [len(group["params"]) for group in optimizer.param_groups]
-    if needs_unfreeze:
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        sizes.append(sum(1 for p in network.parameters() if id(p) not in held))
-    saved_sizes = [len(group["params"]) for group in saved.get("param_groups", [])]
-    if sizes != saved_sizes:
-        raise CheckpointError(
-            f"checkpoint {source!r} holds optimizer state for parameter groups of sizes {saved_sizes} "
-            f"but this Trainer's optimizer would have {sizes}; build the Trainer with the same "
-            f"optimizer and freezing as the one that saved it"
-        )
 
 
 class EpochFiles:
@@ -377,11 +339,29 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
     except ValueError as exc:
         raise CheckpointError(f"cannot rebuild the model of checkpoint {str(path)!r}: {exc}") from None
     frozen = frozen_keys(network) if data["head_only"] else set()
-    _check_model_state(data, network, frozen, source=str(path))
+    check_identity(data, network, None, source=str(path))
+    check_model_state(data, network, frozen, source=str(path))
+    recorded = _transform_of(data, str(path))
     merge_into(network, data["model"])
-    settings = data.get("transform")
     transform = (
-        ImageTransform.from_dict({**settings, "train": False}) if settings else default_transform(network)
+        ImageTransform.from_dict({**recorded.to_dict(), "train": False})
+        if recorded
+        else default_transform(network)
     )
     names = data.get("class_names")
     return LoadedModel(network.to(target).eval(), list(names) if names else None, transform)
+
+
+def _transform_of(data: dict[str, Any], source: str) -> ImageTransform | None:
+    """The recorded preprocessing, or None; settings that no longer build are a damaged file."""
+    settings = data.get("transform")
+    if settings is None:
+        return None
+    try:
+        if not isinstance(settings, dict):
+            raise TypeError(f"a {type(settings).__name__}")
+        return ImageTransform.from_dict(settings)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint {source!r} is damaged: its transform settings do not build ({exc})"
+        ) from None

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import hashlib
 import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,12 +44,14 @@ __all__ = [
     "check_finite",
     "non_finite_entries",
     "read_checkpoint",
+    "tensor_checksum",
     "to_cpu",
 ]
 
 FORMAT = "vggtransfer.checkpoint"
 #: Incremented when the layout changes; files with a newer version are refused, not guessed at.
-FORMAT_VERSION = 1
+#: 2 added ``checksum``, a SHA-256 over all tensor data, checked on every read.
+FORMAT_VERSION = 2
 
 
 class CheckpointError(ValueError):
@@ -61,27 +66,99 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
 
     The data goes to a temporary file in the same folder, is flushed and fsynced, and then
     replaces ``path`` with ``os.replace`` (atomic on POSIX and Windows). A process killed at any
-    instant leaves either the previous file or the new one, never a torn one.
+    instant leaves either the previous file or the new one, never a torn one; a failed write
+    leaves the previous file and no temporary one.
+
+    Raises:
+        OSError: the folder cannot be written, or the disk is full (``errno.ENOSPC``, with the
+            path and the space needed in the message).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
+        with os.fdopen(fd, "wb") as raw:
+            file = _Recording(raw)
+            try:
+                torch.save(obj, file)  # type: ignore[arg-type]  # a file-like writer
+            except RuntimeError:
+                # torch reports a failed write as "unexpected pos"; the file's own OSError says why.
+                if file.error is not None:
+                    raise file.error from None
+                raise
+            raw.flush()
+            os.fsync(raw.fileno())
         # mkstemp creates the file readable by its owner only; give it the usual permissions.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_name, 0o666 & ~umask)
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(
+                exc.errno,
+                f"no space left to write {str(path)!r}: it needs about {_tensor_bytes(obj) / 1e6:.1f} MB "
+                f"and {shutil.disk_usage(path.parent).free / 1e6:.1f} MB are free. The previous file "
+                f"is kept and no partial file was left; free some space or save elsewhere",
+            ) from None
         raise
     _fsync_directory(path.parent)
     return path
+
+
+class _Recording:
+    """A binary file that remembers the OSError of a failed write (torch hides it)."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return int(self.file.write(data))
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of tensor data in nested dicts, lists and tuples: what a file of ``obj`` needs at least."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def tensor_checksum(data: Any) -> str:
+    """SHA-256 over every tensor in ``data`` (nested dicts and lists): names, dtypes, shapes and bytes.
+
+    The ``"checksum"`` entry of the top-level dict is left out, so the result can be stored there.
+    """
+    digest = hashlib.sha256()
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().to("cpu").contiguous()
+            digest.update(f"{where}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                if not (where == "" and key == "checksum"):
+                    walk(value[key], f"{where}/{key}")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{where}/{i}")
+
+    walk(data, "")
+    return digest.hexdigest()
 
 
 def _fsync_directory(folder: Path) -> None:
@@ -108,6 +185,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    other = _sniff(path)
+    if other is not None:
+        raise CheckpointError(
+            f"{str(path)!r} is not a vggtransfer checkpoint: it is {other}, not a file written by "
+            f"torch.save. Checkpoints come from Trainer.save_checkpoint (e.g. runs/pets/best.pt)"
+        )
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -118,9 +201,11 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"checkpoints hold plain data and tensors only; this file was not written by "
             f"vggtransfer or has been tampered with"
         ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
+    except Exception as exc:  # the unpickler of a damaged file raises anything: KeyError, IndexError, ...
+        first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:200]  # torch's first sentence
         raise CheckpointError(
-            f"cannot read checkpoint {str(path)!r}: {exc}. The file is truncated or not a PyTorch file"
+            f"cannot read checkpoint {str(path)!r} ({type(exc).__name__}: {first}); the file is truncated, "
+            f"damaged or not a PyTorch file. Use another copy, or the last.pt / best.pt beside it"
         ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
@@ -140,8 +225,47 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
                 f"checkpoint {str(path)!r} is damaged: field {key!r} should be a {kind.__name__} "
                 f"but is {type(data.get(key)).__name__}"
             )
+    if version >= 2 and data.get("checksum") != tensor_checksum(data):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupted: its tensor data does not match the checksum "
+            f"recorded when it was saved (a disk or copy error, or an edit, changed it); nothing was "
+            f"loaded. Use another copy, or the last.pt / best.pt beside it"
+        )
     data["model"] = strip_wrapper_prefixes(data["model"])
     return data
+
+
+# How other files begin, to name what was given instead of a checkpoint. torch.save writes a zip
+# archive (PK\x03\x04), or a pickle (\x80) in its legacy format.
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG", "a PNG image"),
+    (b"GIF8", "a GIF image"),
+    (b"RIFF", "a RIFF file (WebP image, WAV audio)"),
+    (b"%PDF", "a PDF document"),
+    (b"\x1f\x8b", "a gzip archive"),
+)
+
+
+def _sniff(path: Path) -> str | None:
+    """What ``path`` is when it is certainly not a torch.save file, else None."""
+    with path.open("rb") as file:
+        head = file.read(512)
+    if not head:
+        return "empty (0 bytes)"
+    if head.startswith((b"PK\x03\x04", b"\x80")):
+        return None
+    for signature, kind in _SIGNATURES:
+        if head.startswith(signature):
+            return kind
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html")):
+        return "an HTML page"
+    if text.startswith((b"{", b"[")):
+        return "JSON or other text"
+    if all(32 <= byte < 127 or byte in b"\t\r\n" for byte in head):
+        return "a text file"
+    return "not a PyTorch file (unknown binary data)"
 
 
 def non_finite_entries(state: Mapping[str, torch.Tensor]) -> list[str]:

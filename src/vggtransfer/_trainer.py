@@ -424,13 +424,13 @@ class Trainer:
         """
         network = self.network
         # Checked by every process (they hold the same weights), so that all raise together.
-        check_savable(network, head_only=head_only)
-        path = Path(path)
-        if self.runtime.rank == 0:  # under torchrun rank 0 alone writes; the others wait for it
-            payload = make_payload(
-                network,
-                head_only=head_only,
-                counters={
+        fields = check_savable(
+            network,
+            head_only=head_only,
+            fields={
+                "class_names": self.class_names,
+                "extra": extra if extra is not None else self.extra,
+                "counters": {
                     "epoch": self.epoch,
                     "global_step": self.global_step,
                     "interrupted": interrupted,
@@ -440,10 +440,13 @@ class Trainer:
                     "unfreeze_lr": self.unfreeze_lr,
                     "history": self.history.to_dict(),
                 },
-                class_names=self.class_names,
-                transform=self.transform,
-                extra=extra if extra is not None else self.extra,
-                objects=self._training_objects() if training_state else None,
+            },
+        )
+        path = Path(path)
+        if self.runtime.rank == 0:  # under torchrun rank 0 alone writes; the others wait for it
+            objects = self._training_objects() if training_state else None
+            payload = make_payload(
+                network, head_only=head_only, transform=self.transform, objects=objects, **fields
             )
             atomic_save(payload, path)
         barrier()

@@ -1,0 +1,336 @@
+"""What loading a checkpoint checks, field by field, before anything is applied.
+
+A checkpoint is hostile until validated: it may be damaged on disk, edited by hand, written by
+another vggtransfer, or meant for another model. Each check here raises :class:`CheckpointError`
+saying which field is wrong, what it holds and what was expected. ``read_resume`` and
+``load_model`` run them all first, so a refused file changes nothing: no weights, no optimizer,
+no counters. The same module turns what a Trainer saves into plain data (:func:`plain`), so
+that every file ``save_checkpoint`` writes loads again.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._checkpoint_file import CheckpointError, check_finite
+from ._heads import output_count
+from ._spec import build_spec
+from ._state_dict import fingerprint, state_dict_differences
+
+__all__ = [
+    "check_identity",
+    "check_model_state",
+    "check_optimizer",
+    "check_trainer_fields",
+    "plain",
+]
+
+# Optimizer settings that differ between PyTorch releases rather than between optimizers: a
+# group missing one of them is filled in by the optimizer's own __setstate__.
+_VERSION_FLAGS = {
+    "foreach",
+    "maximize",
+    "capturable",
+    "differentiable",
+    "fused",
+    "decoupled_weight_decay",
+    "param_names",
+}
+
+
+def plain(value: Any, where: str) -> Any:
+    """``value`` as the plain data a ``weights_only`` checkpoint holds: numpy to Python, paths to str.
+
+    Raises:
+        TypeError: something no checkpoint can hold (an object, a set, a function), named by
+            its place, e.g. ``extra['split']['train'][3]``.
+    """
+    if value is None or isinstance(value, (bool, str, torch.Tensor)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist(), where)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        result = {}
+        for key, item in value.items():
+            key = plain(key, f"{where} key {key!r}")
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise TypeError(
+                    f"save_checkpoint: {where} has a key {key!r}; checkpoint keys must be str or numbers"
+                )
+            result[key] = plain(item, f"{where}[{key!r}]")
+        return result
+    if isinstance(value, (list, tuple)):
+        items = [plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(
+        f"save_checkpoint: {where} is a {type(value).__name__} ({value!r:.60}), which a checkpoint cannot "
+        f"hold; store plain data (str, int, float, bool, None, lists, dicts, tensors), e.g. a list for a set"
+    )
+
+
+def check_identity(
+    data: dict[str, Any], network: nn.Module, class_names: list[str] | None, *, source: str
+) -> None:
+    """Same architecture, one class name per output, the same names as the Trainer's."""
+    saved_arch = data["build"].get("arch")
+    my_arch = build_spec(network).get("arch")
+    if saved_arch and my_arch and saved_arch != my_arch:
+        raise CheckpointError(
+            f"checkpoint {source!r} was saved from a {saved_arch!r} model but this model is a "
+            f"{my_arch!r}; build the same architecture (vt.create_model({saved_arch!r}, ...)) or use "
+            f"vt.load_model(path)"
+        )
+    saved_names = data.get("class_names")
+    if saved_names is not None and not (
+        isinstance(saved_names, list) and all(isinstance(name, str) for name in saved_names)
+    ):
+        raise CheckpointError(
+            f"checkpoint {source!r} is damaged: class_names should be a list of str but is {saved_names!r:.80}"
+        )
+    outputs = output_count(network)
+    if saved_names is not None and len(saved_names) != outputs:
+        raise CheckpointError(
+            f"checkpoint {source!r} has {len(saved_names)} classes {saved_names} but this model has "
+            f"{outputs} outputs; build it with vt.replace_classifier(model, {len(saved_names)})"
+        )
+    if saved_names is not None and class_names is not None and list(saved_names) != list(class_names):
+        raise CheckpointError(
+            f"checkpoint {source!r} has classes {saved_names} but this Trainer has {class_names}; "
+            f"predictions would be misnamed"
+        )
+
+
+def check_model_state(data: dict[str, Any], network: nn.Module, frozen: set[str], *, source: str) -> None:
+    """The weights fit ``network`` (keys and shapes; the frozen backbone's fingerprint) and are finite."""
+    state = data["model"]
+    bad = [
+        key for key, value in state.items() if not (isinstance(key, str) and isinstance(value, torch.Tensor))
+    ]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {source!r} is damaged: model entry {bad[0]!r} is not a named tensor"
+        )
+    current = network.state_dict()
+    if data["head_only"]:
+        if fingerprint(current, frozen) != data.get("backbone_sha256"):
+            raise CheckpointError(
+                f"checkpoint {source!r} holds only a head trained on a specific backbone "
+                f"({data['build'].get('arch')}, weights {data['build'].get('weights')}), and this "
+                f"model's frozen backbone differs from it; build the model with those weights"
+            )
+        current = {k: v for k, v in current.items() if k not in frozen}
+    differences = state_dict_differences(current, state)
+    differences += [
+        f"dtype mismatch {key}: model has {current[key].dtype}, file has {value.dtype}"
+        for key, value in state.items()
+        if key in current and value.dtype != current[key].dtype
+    ][:5]
+    if differences:
+        raise CheckpointError(
+            f"checkpoint {source!r} does not fit this model; nothing was loaded:\n  "
+            + "\n  ".join(differences)
+        )
+    check_finite(state, what=f"checkpoint {source!r}")
+
+
+def check_optimizer(
+    optimizer: torch.optim.Optimizer, saved: Any, params: list[list[nn.Parameter]], *, source: str
+) -> None:
+    """The saved optimizer state fits ``optimizer`` whose groups will hold ``params``.
+
+    Checked: the layout, the number of groups and parameters, the settings of each group (an
+    Adam state does not fit SGD), and every state tensor's shape, dtype and finiteness: a
+    wrong-shaped ``exp_avg`` would corrupt memory in the fused kernel, a NaN would surface
+    epochs later as a NaN loss.
+    """
+    if not (
+        isinstance(saved, dict)
+        and isinstance(saved.get("state"), dict)
+        and isinstance(saved.get("param_groups"), list)
+    ):
+        raise CheckpointError(
+            f"checkpoint {source!r} is damaged: its optimizer state is not an optimizer's state_dict"
+        )
+    groups = saved["param_groups"]
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        raise CheckpointError(
+            f"checkpoint {source!r} is damaged: an optimizer parameter group has no 'params' list"
+        )
+    sizes, saved_sizes = [len(p) for p in params], [len(g["params"]) for g in groups]
+    if sizes != saved_sizes:
+        raise CheckpointError(
+            f"checkpoint {source!r} holds optimizer state for parameter groups of sizes {saved_sizes} "
+            f"but this Trainer's optimizer would have {sizes}; build the Trainer with the same "
+            f"optimizer and freezing as the one that saved it"
+        )
+    expected = set(optimizer.param_groups[0]) - {"params"} - _VERSION_FLAGS
+    for group in groups:
+        missing = sorted(expected - set(group))
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {source!r} holds the state of another kind of optimizer: its parameter "
+                f"groups lack {missing}, which this Trainer's {type(optimizer).__name__} needs; build the "
+                f"Trainer with the optimizer that saved it"
+            )
+        lr = group.get("lr")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            raise CheckpointError(
+                f"checkpoint {source!r} is damaged: an optimizer group has learning rate {lr!r}"
+            )
+    by_index = {
+        index: param
+        for group, ps in zip(groups, params, strict=True)
+        for index, param in zip(group["params"], ps, strict=True)
+    }
+    for index, state in saved["state"].items():
+        param = by_index.get(index)
+        if param is None or not isinstance(state, dict):
+            raise CheckpointError(
+                f"checkpoint {source!r} is damaged: optimizer state for unknown parameter {index!r}"
+            )
+        for name, value in state.items():
+            _check_state_value(value, param, f"optimizer state {name!r} of parameter {index}", source)
+
+
+def _check_state_value(value: Any, param: nn.Parameter, what: str, source: str) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.ndim > 0 and value.shape != param.shape:
+            raise CheckpointError(
+                f"checkpoint {source!r} does not fit this model: {what} has shape {list(value.shape)} but "
+                f"the parameter has {list(param.shape)}; nothing was loaded"
+            )
+        if value.ndim > 0 and value.dtype != param.dtype:
+            raise CheckpointError(
+                f"checkpoint {source!r} is damaged: {what} is {value.dtype}, the parameter {param.dtype}"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(
+                f"checkpoint {source!r} holds NaN or infinite values in {what}; resuming would train on "
+                f"them. Resume from an earlier checkpoint"
+            )
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"checkpoint {source!r} is damaged: {what} is {value!r:.60}")
+
+
+def _count(value: Any, name: str, source: str, *, limit: int | None = None) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < 0
+        or (limit is not None and value >= limit)
+    ):
+        raise CheckpointError(
+            f"checkpoint {source!r} is damaged: trainer field {name!r} should be an int >= 0 but is {value!r:.60}"
+        )
+    return value
+
+
+def check_trainer_fields(saved: Mapping[str, Any], network: nn.Module, *, source: str) -> None:
+    """Counters, seed, history, best epoch, learning rates, scaler, scheduler and RNG states."""
+    _count(saved.get("epoch"), "epoch", source)
+    _count(saved.get("global_step"), "global_step", source)
+    _count(saved.get("seed"), "seed", source, limit=2**63)
+    history = saved.get("history")
+    records = history.get("records") if isinstance(history, dict) else None
+    if not isinstance(records, list) or not all(
+        isinstance(r, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in r.items())
+        for r in records
+    ):
+        raise CheckpointError(
+            f"checkpoint {source!r} is damaged: trainer field 'history' is not a list of epoch records"
+        )
+    unfreeze_lr = saved.get("unfreeze_lr")
+    if unfreeze_lr is not None and (
+        isinstance(unfreeze_lr, bool) or not isinstance(unfreeze_lr, (int, float)) or not unfreeze_lr > 0
+    ):
+        raise CheckpointError(
+            f"checkpoint {source!r} is damaged: trainer field 'unfreeze_lr' is {unfreeze_lr!r:.60}"
+        )
+    _check_best(saved.get("best"), network, source)
+    for name in ("scheduler", "scaler"):
+        if saved.get(name) is not None and not isinstance(saved[name], dict):
+            raise CheckpointError(
+                f"checkpoint {source!r} is damaged: trainer field {name!r} is not a state dict"
+            )
+    _check_rng(saved.get("rng"), source)
+
+
+def _check_best(best: Any, network: nn.Module, source: str) -> None:
+    if not (isinstance(best, dict) and {"value", "epoch", "wait", "state"} <= set(best)):
+        raise CheckpointError(
+            f"checkpoint {source!r} is damaged: trainer field 'best' lacks value, epoch, wait or state"
+        )
+    value = best["value"]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise CheckpointError(f"checkpoint {source!r} is damaged: the best value is {value!r:.60}")
+    if best["epoch"] is not None:
+        _count(best["epoch"], "best epoch", source)
+    _count(best["wait"], "best wait", source)
+    state = best["state"]
+    if state is None:
+        return
+    current = network.state_dict()
+    if not isinstance(state, dict) or any(
+        key not in current or not isinstance(tensor, torch.Tensor) or tensor.shape != current[key].shape
+        for key, tensor in state.items()
+    ):
+        raise CheckpointError(
+            f"checkpoint {source!r} is damaged: the best epoch's weights do not fit this model"
+        )
+    check_finite(state, what=f"checkpoint {source!r}: the best epoch's weights")
+
+
+def _check_rng(rng: Any, source: str) -> None:
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {source!r} is damaged: its random-number state {what}")
+
+    if not isinstance(rng, dict):
+        raise bad("is missing")
+    torch_state = rng.get("torch")
+    if not (
+        isinstance(torch_state, torch.Tensor)
+        and torch_state.dtype == torch.uint8
+        and torch_state.shape == torch.get_rng_state().shape
+    ):
+        raise bad("for torch is not a uint8 tensor of the generator's size")
+    cuda = rng.get("cuda", [])
+    if not (
+        isinstance(cuda, list) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)
+    ):
+        raise bad("for CUDA is not a list of uint8 tensors")
+    python = rng.get("python")
+    if not (
+        isinstance(python, (list, tuple)) and len(python) == 3 and isinstance(python[0], int)
+        and isinstance(python[1], (list, tuple)) and len(python[1]) == 625
+        and all(isinstance(x, int) and 0 <= x < 2**32 for x in python[1])
+        and (python[2] is None or isinstance(python[2], float))
+    ):  # fmt: skip
+        raise bad("for Python's random module is malformed")
+    numpy_state = rng.get("numpy")
+    if not isinstance(numpy_state, dict):
+        raise bad("for NumPy is missing")
+    keys = numpy_state.get("keys")
+    if not (
+        isinstance(keys, torch.Tensor) and keys.shape == (624,) and not keys.is_floating_point()
+        and bool(((keys >= 0) & (keys < 2**32)).all())
+        and isinstance(numpy_state.get("pos"), int) and 0 <= numpy_state["pos"] <= 624
+        and numpy_state.get("has_gauss") in (0, 1)
+        and isinstance(numpy_state.get("cached_gaussian"), (int, float))
+    ):  # fmt: skip
+        raise bad("for NumPy is malformed")
