@@ -22,19 +22,8 @@ from vggtransfer.data import Split
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "dogs_vs_cats.py"
-OPTIONS = [
-    "--weights",
-    "none",
-    "--image-size",
-    "32",
-    "--batch-size",
-    "8",
-    "--workers",
-    "0",
-    "--device",
-    "cpu",
-]
-OPTIONS += ["--val-fraction", "0.25"]
+OPTIONS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--workers", "0"]
+OPTIONS += ["--device", "cpu", "--val-fraction", "0.25"]
 # The smallest run that still exercises every step: ResNet-18 is the cheapest model to build.
 SMALL = [*OPTIONS, "--arch", "resnet18", "--epochs", "2"]
 # The recipe's family (VGG, classifier replaced), trained long enough to learn the generated
@@ -182,6 +171,7 @@ def test_example_offline_weights_explains_how_to_provide_them(
 
 @pytest.mark.slow
 def test_example_runs_unchanged_under_torchrun(tmp_path: Path) -> None:
+    """Also the test that runs the file as a script (the others call its main() in this process)."""
     from helpers import torchrun
 
     train, test, test_labels = _kaggle(tmp_path / "kaggle", n=6)
@@ -223,4 +213,5 @@ def test_example_trains_on_the_whole_real_sample(example, pets_dir: Path, tmp_pa
         "bad": len(bad),
     }
     assert [sum(row) for row in metrics["val"]["confusion_matrix"]] == held_out
+    assert len(metrics["history"]) == 1 and math.isfinite(metrics["history"][0]["train_loss"])
     assert metrics["reloaded_val_accuracy"] == metrics["val"]["accuracy"]
