@@ -1,9 +1,12 @@
+"""vggtransfer.data on generated photos (tests/photos.py), and on the real sample where it exists."""
+
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import shutil
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -11,59 +14,19 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+import photos
 import vggtransfer as vt
-from vggtransfer.data import BadFile, DogsVsCats, ImageList, Split, oxford_pets, scan_images, stratified_split
-
-
-def _photo(pets_dir: Path, kind: str, i: int) -> Path:
-    return sorted((pets_dir / kind).glob("*.jpg"))[i]
-
-
-def _write_variants(folder: Path, source: Path, prefix: str = "") -> tuple[set[str], dict[str, str]]:
-    """Odd-but-valid and broken files made from one real photo: (good names, bad name -> reason)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with Image.open(source) as image:
-        rgb = image.convert("RGB")
-    good = {
-        "cmyk.jpg": lambda p: rgb.convert("CMYK").save(p, format="JPEG"),
-        "palette-png.jpg": lambda p: rgb.quantize(32).save(p, format="PNG"),
-        "rgba-png.jpg": lambda p: rgb.convert("RGBA").save(p, format="PNG"),
-        "grey.jpg": lambda p: rgb.convert("L").save(p, format="JPEG"),
-        "sixteen.png": lambda p: Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257).save(
-            p
-        ),
-        "gif.jpg": lambda p: rgb.save(p, format="GIF"),
-        "rotated.jpg": lambda p: _exif_rotated(rgb, p),
-    }
-    for name, write in good.items():
-        write(folder / f"{prefix}{name}")
-    source_bytes = source.read_bytes()
-    (folder / f"{prefix}empty.jpg").write_bytes(b"")
-    (folder / f"{prefix}truncated.jpg").write_bytes(source_bytes[: len(source_bytes) // 2])
-    # the scan decodes JPEGs at reduced scale: cut-off progressive and CMYK ones must still fail it
-    for name, options in (("progressive", {"progressive": True}), ("cmyk", {})):
-        encoded = io.BytesIO()
-        (rgb.convert("CMYK") if name == "cmyk" else rgb).save(encoded, format="JPEG", **options)
-        (folder / f"{prefix}truncated-{name}.jpg").write_bytes(encoded.getvalue()[: encoded.tell() * 2 // 3])
-    (folder / f"{prefix}text.jpg").write_text("this is not an image\n")
-    (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504))
-    Image.new("1", (15000, 15000)).save(folder / f"{prefix}bomb.png")
-    bad = {
-        f"{prefix}empty.jpg": "empty file (0 bytes)",
-        f"{prefix}truncated.jpg": "truncated image data",
-        f"{prefix}truncated-progressive.jpg": "truncated image data",
-        f"{prefix}truncated-cmyk.jpg": "truncated image data",
-        f"{prefix}text.jpg": "not an image (Pillow cannot identify the format)",
-        "Thumbs.db": "not an image (Pillow cannot identify the format)",
-        f"{prefix}bomb.png": "decompression bomb",
-    }
-    return {f"{prefix}{name}" for name in good}, bad
-
-
-def _exif_rotated(rgb: Image.Image, path: Path) -> None:
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    rgb.transpose(Image.Transpose.ROTATE_90).save(path, format="JPEG", exif=exif.tobytes())
+from helpers import weights_equal
+from photos import CAT, DOG
+from vggtransfer.data import (
+    DogsVsCats,
+    ImageList,
+    Split,
+    check_image,
+    oxford_pets,
+    scan_images,
+    stratified_split,
+)
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -74,11 +37,25 @@ def _digest(folder: Path) -> dict[str, str]:
     }
 
 
-def test_scan_reports_exactly_the_bad_files_and_changes_nothing(pets_dir: Path, tmp_path: Path) -> None:
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def _warm(image: Image.Image) -> bool:
+    """Whether a generated photo looks like a "cat" (warm) rather than a "dog" (cool)."""
+    red, _, blue = _pixels(image.convert("RGB")).mean(axis=(0, 1))
+    return bool(red > blue)
+
+
+def test_scan_reports_exactly_the_bad_files_and_changes_nothing(tmp_path: Path) -> None:
     folder = tmp_path / "mixed"
-    good, bad = _write_variants(folder, _photo(pets_dir, "cats", 0))
-    shutil.copy(_photo(pets_dir, "dogs", 0), folder / "plain.jpg")
-    good.add("plain.jpg")
+    good, bad = photos.write_variants(folder, photos.photo(CAT, 0))
+    photos.save(photos.photo(DOG, 0), folder / "plain.jpg")
+    photos.save(photos.photo(DOG, 1), folder / "sub" / "nested.jpg")
+    good |= {"plain.jpg", "nested.jpg"}
+    (folder / ".hidden.jpg").write_bytes(b"")  # hidden files and folders are not scanned
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "x.jpg").write_bytes(b"")
     before = _digest(folder)
     loading_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
 
@@ -88,94 +65,161 @@ def test_scan_reports_exactly_the_bad_files_and_changes_nothing(pets_dir: Path, 
     assert {b.path.name for b in report.bad} == set(bad)
     for item in report.bad:
         assert item.reason.startswith(bad[item.path.name]), (item.path.name, item.reason)
+    assert report.good == sorted(report.good)
+    assert [b.path for b in report.bad] == sorted(b.path for b in report.bad)
     assert _digest(folder) == before
     assert ImageFile.LOAD_TRUNCATED_IMAGES is loading_truncated
     assert str(report).startswith(f"{len(good)} good images, {len(bad)} bad files\n")
+    assert all(f"  {b.path}: {b.reason}" in str(report).splitlines() for b in report.bad)
 
 
-def test_scan_missing_folder() -> None:
+def test_scan_report_to_dict_is_json_and_names_every_bad_file(tmp_path: Path) -> None:
+    photos.save(photos.photo(CAT, 0), tmp_path / "a.jpg")
+    (tmp_path / "b.jpg").write_bytes(b"")
+    (tmp_path / "c.jpg").write_text("not an image")
+    # a list of paths, in any order, str or Path
+    report = scan_images([tmp_path / "c.jpg", tmp_path / "a.jpg", str(tmp_path / "b.jpg")])
+    assert json.loads(json.dumps(report.to_dict())) == {
+        "good": 1,
+        "bad": [
+            {"path": str(tmp_path / "b.jpg"), "reason": "empty file (0 bytes)"},
+            {"path": str(tmp_path / "c.jpg"), "reason": "not an image (Pillow cannot identify the format)"},
+        ],
+    }
+
+
+def test_check_image_gives_the_scans_verdict_on_one_file(tmp_path: Path) -> None:
+    good, bad = photos.write_variants(tmp_path, photos.photo(DOG, 2))
+    report = scan_images(tmp_path)
+    verdicts = {path.name: check_image(path) for path in tmp_path.iterdir()}
+    assert verdicts == {p.name: None for p in report.good} | {b.path.name: b.reason for b in report.bad}
+    assert {name for name, reason in verdicts.items() if reason is None} == good
+    for name, reason in bad.items():
+        assert str(verdicts[name]).startswith(reason), name
+    assert check_image(str(tmp_path / "grey.jpg")) is None  # a str path works too
+    # a lower limit refuses an ordinary photo as a bomb, naming its size and the limit
+    width, height = photos.photo(DOG, 2).size
+    assert check_image(tmp_path / "grey.jpg", max_pixels=width * height - 1) == (
+        f"decompression bomb: {width}x{height} = {width * height} pixels, more than the limit of {width * height - 1}"
+    )
+    # the scan passes the limit on: every image of that size is refused, before it is decoded
+    report = scan_images(tmp_path, max_pixels=width * height - 1)
+    assert report.good == []
+    refused = {b.path.name for b in report.bad if b.reason.startswith("decompression bomb")}
+    assert refused == (good | set(bad)) - {"empty.jpg", "text.jpg", "Thumbs.db"}
+
+
+def test_scan_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(
         FileNotFoundError, match="scan_images: folder '/no/such/folder' does not exist or is not a folder"
     ):
         scan_images("/no/such/folder")
+    photos.save(photos.photo(CAT, 0), tmp_path / "a.jpg")
+    with pytest.raises(
+        FileNotFoundError, match="scan_images: folder '.*a.jpg' does not exist or is not a folder"
+    ):
+        scan_images(tmp_path / "a.jpg")
 
 
 def test_scan_warns_when_truncated_images_cannot_be_detected(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    data = photos.jpeg_bytes(photos.photo(CAT, 0))
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning while truncation is detected
+        assert [b.path.name for b in scan_images(tmp_path).bad] == ["cut.jpg"]
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     with pytest.warns(UserWarning, match="LOAD_TRUNCATED_IMAGES is True in this process"):
-        scan_images(tmp_path)
+        report = scan_images(tmp_path)
+    assert [p.name for p in report.good] == ["cut.jpg"]  # what the warning is about: Pillow pads it
 
 
-def test_kaggle_flat_layout_with_dirty_files(pets_dir: Path, tmp_path: Path) -> None:
+def test_kaggle_flat_layout_with_dirty_files(tmp_path: Path) -> None:
     folder = tmp_path / "train"
-    folder.mkdir()
-    for i in range(4):
-        shutil.copy(_photo(pets_dir, "cats", i), folder / f"cat.{i}.jpg")
-        shutil.copy(_photo(pets_dir, "dogs", i), folder / f"dog.{i}.jpg")
+    photos.kaggle_train(folder, 4)
     (folder / "cat.99.jpg").write_bytes(b"")
     (folder / "dog.98.jpg").write_text("oops")
-    shutil.copy(_photo(pets_dir, "dogs", 5), folder / "unlabelled.jpg")
+    photos.save(photos.photo(DOG, 5), folder / "unlabelled.jpg")
+    photos.save(photos.photo(CAT, 6), folder / "Cat.7.JPG")  # the prefix is matched case-blind
 
     data = DogsVsCats(folder, transform=vt.imagenet_transform(size=32))
     assert data.layout == "kaggle" and data.classes == ["cat", "dog"]
-    assert len(data) == 8
+    assert len(data) == 9
     assert sorted((p.name, label) for p, label in data.samples) == sorted(
-        [(f"cat.{i}.jpg", 0) for i in range(4)] + [(f"dog.{i}.jpg", 1) for i in range(4)]
+        [(f"cat.{i}.jpg", 0) for i in range(4)] + [("Cat.7.JPG", 0)] + [(f"dog.{i}.jpg", 1) for i in range(4)]
     )
     assert [(b.path.name, b.reason) for b in data.bad_files] == [
         ("cat.99.jpg", "empty file (0 bytes)"),
         ("dog.98.jpg", "not an image (Pillow cannot identify the format)"),
         ("unlabelled.jpg", "name has no cat. or dog. prefix, so it has no label in the Kaggle layout"),
     ]
-    image, label = data[0]
-    assert image.shape == (3, 32, 32) and label in (0, 1)
+    for i in range(len(data)):
+        image, label = data[i]
+        assert image.shape == (3, 32, 32) and label == data.targets[i]
+    # each label belongs to its image: cats are the warm ones
+    plain = data.with_transform(None)
+    assert [_warm(plain[i][0]) for i in range(len(plain))] == [label == 0 for label in data.targets]
 
 
-def test_petimages_layout_serves_every_good_file_once(pets_dir: Path, tmp_path: Path) -> None:
+def test_petimages_layout_serves_every_good_file_once(tmp_path: Path) -> None:
     root = tmp_path / "PetImages"
-    cat_good, cat_bad = _write_variants(root / "Cat", _photo(pets_dir, "cats", 1))
-    (root / "Dog").mkdir()
-    for i in range(3):
-        shutil.copy(_photo(pets_dir, "dogs", i), root / "Dog" / f"{i}.jpg")
+    original = photos.photo(CAT, 1)
+    assert original.width != original.height  # so that an orientation left undone shows in the size
+    cat_good, cat_bad = photos.write_variants(root / "Cat", original)
+    photos.write_photos(root / "Dog", DOG, ["0.jpg", "1.jpg", "2.jpg"])
     (root / "Dog" / "11702.jpg").write_bytes(b"")
     before = _digest(root)
 
     data = DogsVsCats(root)
     assert data.layout == "folders" and data.classes == ["cat", "dog"]
     assert len(data) == len(cat_good) + 3
+    assert sorted(p.relative_to(root).as_posix() for p, _ in data.samples) == sorted(
+        [f"Cat/{n}" for n in cat_good] + [f"Dog/{i}.jpg" for i in range(3)]
+    )
     assert {b.path.relative_to(root).as_posix() for b in data.bad_files} == {f"Cat/{n}" for n in cat_bad} | {
         "Dog/11702.jpg"
     }
     served = [data[i] for i in range(len(data))]
     assert all(image.mode == "RGB" for image, _ in served)
-    assert sorted(label for _, label in served) == [0] * len(cat_good) + [1] * 3
+    assert [label for _, label in served] == [0 if p.parent.name == "Cat" else 1 for p, _ in data.samples]
     # no substitution: each item is the file at that position
-    assert [p.name for p, _ in data.samples].count("rotated.jpg") == 1
-    rotated = data.samples.index(next(s for s in data.samples if s[0].name == "rotated.jpg"))
-    with Image.open(_photo(pets_dir, "cats", 1)) as original:
-        assert served[rotated][0].size == original.size  # EXIF orientation undone
+    for (image, _), (path, _) in zip(served, data.samples, strict=True):
+        with Image.open(path) as stored:
+            assert np.array_equal(_pixels(image), _pixels(vt.to_rgb(stored))), path
+    # EXIF orientation undone: the rotated file is served the right way up
+    rotated = served[[p.name for p, _ in data.samples].index("rotated.jpg")][0]
+    assert rotated.size == original.size
+    assert np.abs(_pixels(rotated) - _pixels(original)).mean() < 8  # JPEG's loss, not a turned image
     assert _digest(root) == before
 
 
-def test_class_folders_of_any_names_read_only_sample(pets_dir: Path) -> None:
-    data = DogsVsCats(pets_dir, transform=vt.imagenet_transform(size=32))
-    assert data.classes == ["cats", "dogs"]
-    assert len(data) == 370 and data.bad_files == []  # NOTICE.md and the CSV beside the folders are ignored
-    assert data.targets.count(0) == 120 and data.targets.count(1) == 250
+def test_class_folders_of_any_names(tmp_path: Path) -> None:
+    root = tmp_path / "sample"
+    folders = photos.sample_like(root, {"dogs": 4, "birds": 2, "cats": 3})
+    photos.save(photos.photo(CAT, 9), root / "beside-the-folders.jpg")  # not in a class folder: ignored
+    before = _digest(root)
+
+    data = DogsVsCats(root, transform=vt.imagenet_transform(size=32))
+    assert data.layout == "folders" and data.classes == ["birds", "cats", "dogs"]  # sorted folder names
+    assert data.bad_files == []  # NOTICE.md and the CSV beside the folders are not scanned
+    assert sorted((p, data.classes[label]) for p, label in data.samples) == sorted(
+        (p, name) for name, paths in folders.items() for p in paths
+    )
+    assert data[0][0].shape == (3, 32, 32)
+    assert _digest(root) == before
 
 
-def test_unlabelled_folder_yields_ids(pets_dir: Path, tmp_path: Path) -> None:
+def test_unlabelled_folder_yields_ids(tmp_path: Path) -> None:
     folder = tmp_path / "test1"
-    folder.mkdir()
-    for i in range(1, 4):
-        shutil.copy(_photo(pets_dir, "dogs", i), folder / f"{i}.jpg")
+    photos.kaggle_test(folder, [DOG, CAT, DOG])
     (folder / "4.jpg").write_bytes(b"")
     data = DogsVsCats(folder, transform=vt.imagenet_transform(size=32))
     assert data.layout == "unlabelled" and not data.labelled and data.classes == []
-    assert data.ids == ["1", "2", "3"]
-    assert data[2][1] == "3"
+    assert data.ids == ["1", "2", "3"] and data.targets == [-1, -1, -1]
+    for i, ident in enumerate(data.ids):
+        image, item_id = data[i]
+        assert item_id == ident == data.samples[i][0].stem and image.shape == (3, 32, 32)
     assert [b.path.name for b in data.bad_files] == ["4.jpg"]
 
 
@@ -195,86 +239,122 @@ def test_layout_errors(tmp_path: Path) -> None:
         DogsVsCats(tmp_path / "nope")
 
 
-def test_file_broken_after_scan_is_named_not_substituted(pets_dir: Path, tmp_path: Path) -> None:
+def test_file_broken_after_scan_is_named_not_substituted(tmp_path: Path) -> None:
     folder = tmp_path / "train"
-    folder.mkdir()
-    for i in range(2):
-        shutil.copy(_photo(pets_dir, "cats", i), folder / f"cat.{i}.jpg")
+    photos.kaggle_train(folder, 2)
     data = DogsVsCats(folder)
     (folder / "cat.1.jpg").write_bytes(b"")
+    assert data[0][1] == 0  # the others still load
     with pytest.raises(
         RuntimeError, match="image '.*cat.1.jpg' could not be read although it passed the scan"
     ):
         data[1]
 
 
-def test_stratified_split_is_seeded_stratified_and_saveable(pets_dir: Path) -> None:
-    data = DogsVsCats(pets_dir)
-    split = stratified_split(data, 0.2, seed=3)
-    assert split == stratified_split(data, 0.2, seed=3)
-    assert split != stratified_split(data, 0.2, seed=4)
-    assert set(split.train).isdisjoint(split.val) and len(split.train) + len(split.val) == len(data)
-    val_labels = [data.targets[i] for i in split.val]
-    assert (val_labels.count(0), val_labels.count(1)) == (24, 50)
-    assert Split.from_dict(split.to_dict()) == split
-    split.check(data)
-    train, val = split.subsets(data)
-    assert len(train) == 296 and len(val) == 74
-    other = ImageList(data.samples[:-1], data.classes)
-    with pytest.raises(ValueError, match="the dataset's files differ from the ones this split was made for"):
-        split.check(other)
-    with pytest.raises(ValueError, match="expected val_fraction in \\(0, 1\\) but got 1.5"):
+def _val_counts(split: Split, labels: list[int]) -> dict[int, int]:
+    return {label: [labels[i] for i in split.val].count(label) for label in sorted(set(labels))}
+
+
+def test_stratified_split_is_stratified_disjoint_complete_and_seeded(tmp_path: Path) -> None:
+    photos.class_folders(tmp_path / "pets", {"cats": 6, "dogs": 10})
+    data = DogsVsCats(tmp_path / "pets")
+    split = stratified_split(data, 0.25, seed=3)
+    assert set(split.train).isdisjoint(split.val)
+    assert sorted(split.train + split.val) == list(range(len(data)))
+    # each class's share, rounded half up: 6 * 0.25 = 1.5 -> 2 and 10 * 0.25 = 2.5 -> 3
+    assert _val_counts(split, data.targets) == {0: 2, 1: 3}
+    assert (split.seed, split.val_fraction) == (3, 0.25)
+    # the seed alone decides which samples are held out
+    assert stratified_split(data, 0.25, seed=3) == split
+    assert stratified_split(data.targets, 0.25, seed=3).val == split.val
+    assert len({stratified_split(data, 0.25, seed=seed).val for seed in range(10)}) > 5
+    # small classes: one sample is never held out, both sides keep one of a larger class
+    labels = [0] + [1] * 2 + [2] * 9 + [3] * 5
+    assert _val_counts(stratified_split(labels, 0.1), labels) == {0: 0, 1: 1, 2: 1, 3: 1}
+    assert _val_counts(stratified_split(labels, 0.9), labels) == {0: 0, 1: 1, 2: 8, 3: 4}
+    with pytest.raises(ValueError, match=r"expected val_fraction in \(0, 1\) but got 1.5"):
         stratified_split(data, 1.5)
+    with pytest.raises(ValueError, match=r"expected val_fraction in \(0, 1\) but got 0"):
+        stratified_split(data, 0)
 
 
-def test_split_can_be_saved_with_a_checkpoint(pets_dir: Path, tmp_path: Path) -> None:
-    data = DogsVsCats(pets_dir, transform=vt.imagenet_transform(size=32))
+def test_split_round_trips_through_json_and_checks_its_files(tmp_path: Path) -> None:
+    root = tmp_path / "pets"
+    photos.class_folders(root, {"cats": 3, "dogs": 5})
+    data = DogsVsCats(root)
+    split = stratified_split(data, 0.4, seed=1)
+    assert split.files == tuple(str(p) for p, _ in data.samples)
+    assert Split.from_dict(json.loads(json.dumps(split.to_dict()))) == split
+    # subsets: the given positions, validation from its own dataset (no augmentation there)
+    train, val = split.subsets(data.with_transform(vt.imagenet_transform(size=32)), data.with_transform(None))
+    assert (train.indices, val.indices) == (list(split.train), list(split.val))
+    assert train[0][0].shape == (3, 32, 32) and isinstance(val[0][0], Image.Image)
+    assert [val[i][1] for i in range(len(val))] == [data.targets[i] for i in split.val]
+    # the same folder scanned again passes the check; a changed folder does not
+    split.check(DogsVsCats(root))
+    os.remove(root / "dogs" / "dogs-4.jpg")
+    with pytest.raises(ValueError, match=r"the dataset's files differ .* \(7 files now, 8 then\)"):
+        split.check(DogsVsCats(root))
+    photos.save(photos.photo(DOG, 99), root / "dogs" / "dogs-9.jpg")
+    with pytest.raises(ValueError, match="the dataset's files differ from the ones this split was made for"):
+        split.check(DogsVsCats(root))  # as many files as before, but not the same ones
+    with pytest.raises(ValueError, match="the dataset's files differ"):
+        split.check(ImageList(list(reversed(data.samples)), data.classes))  # same files, other order
+
+
+def _resnet18() -> torch.nn.Module:
+    # the cheapest model to build; Split does not care which
+    return vt.replace_classifier(vt.freeze_features(vt.create_model("resnet18", weights=None)), 2)
+
+
+def test_split_can_be_saved_with_a_checkpoint(tmp_path: Path) -> None:
+    photos.class_folders(tmp_path / "pets", {"cats": 4, "dogs": 4})
+    data = DogsVsCats(tmp_path / "pets", transform=vt.imagenet_transform(size=32))
     split = stratified_split(data, 0.5, seed=0)
     train, _ = split.subsets(data)
-    model = vt.replace_classifier(vt.freeze_features(vt.create_model("vgg11", weights=None)), 2)
-    trainer = vt.Trainer(model, device="cpu", progress=False, seed=0)
+    trainer = vt.Trainer(_resnet18(), device="cpu", progress=False, seed=0)
     trainer.extra["split"] = split.to_dict()
-    trainer.fit(torch.utils.data.Subset(train, range(8)), epochs=1, batch_size=4, num_workers=0)
-    assert trainer.class_names == ["cats", "dogs"]  # found through the Subsets
+    trainer.fit(train, epochs=1, batch_size=2, num_workers=0)
+    assert trainer.class_names == ["cats", "dogs"]  # found through the Subset
     path = trainer.save_checkpoint(tmp_path / "ck.pt")
-    fresh = vt.Trainer(
-        vt.replace_classifier(vt.freeze_features(vt.create_model("vgg11", weights=None)), 2),
-        device="cpu",
-        progress=False,
-    )
+    fresh = vt.Trainer(_resnet18(), device="cpu", progress=False)
+    assert not weights_equal(fresh.model, trainer.model)
     fresh.load_checkpoint(path)
-    assert Split.from_dict(fresh.extra["split"]) == split
+    restored = Split.from_dict(fresh.extra["split"])
+    assert restored == split
+    restored.check(DogsVsCats(tmp_path / "pets"))
+    assert weights_equal(fresh.model, trainer.model)
 
 
-def _oxford_layout(pets_dir: Path, root: Path, per_species: int = 3) -> list[tuple[str, int]]:
-    """The folder structure torchvision's OxfordIIITPet expects, from the shared photos."""
-    base = root / "oxford-iiit-pet"
-    (base / "images").mkdir(parents=True)
-    (base / "annotations").mkdir()
-    rows = list(csv.DictReader((pets_dir / "classification.csv").open()))
-    chosen = [r for r in rows if r["species"] == "cat"][:per_species] + [
-        r for r in rows if r["species"] == "dog"
-    ][:per_species]
-    lines = []
-    for row in chosen:
-        folder = "cats" if row["species"] == "cat" else "dogs"
-        shutil.copy(
-            pets_dir / folder / f"{row['image_name']}.jpg", base / "images" / f"{row['image_name']}.jpg"
-        )
-        lines.append(f"{row['image_name']} {row['class_id']} {1 if row['species'] == 'cat' else 2} 1")
-    (base / "annotations" / "trainval.txt").write_text("\n".join(lines) + "\n")
-    (base / "annotations" / "test.txt").write_text("")
-    return [(r["image_name"], 0 if r["species"] == "cat" else 1) for r in chosen]
+def test_oxford_pets_through_torchvision_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets.oxford_iiit_pet as oxford
 
+    def no_download(*args, **kwargs):
+        raise AssertionError("oxford_pets downloaded although the data was there")
 
-def test_oxford_pets_through_torchvision_layout(pets_dir: Path, tmp_path: Path) -> None:
-    expected = _oxford_layout(pets_dir, tmp_path)
-    (tmp_path / "oxford-iiit-pet" / "images" / f"{expected[0][0]}.jpg").write_bytes(b"")  # one broken file
+    monkeypatch.setattr(oxford, "download_and_extract_archive", no_download)
+    listed = photos.oxford_layout(tmp_path)
+    images = tmp_path / "oxford-iiit-pet" / "images"
+    (images / f"{listed['trainval'][0][0]}.jpg").write_bytes(b"")  # one broken file
+    os.remove(images / f"{listed['trainval'][-1][0]}.jpg")  # one listed file missing
+
     data = oxford_pets(tmp_path, download=True, transform=vt.imagenet_transform(size=32))
     assert data.classes == ["cat", "dog"]
-    assert [(p.stem, label) for p, label in data.samples] == expected[1:]
-    assert [(b.path.stem, b.reason) for b in data.bad_files] == [(expected[0][0], "empty file (0 bytes)")]
-    assert data[0][0].shape == (3, 32, 32)
+    # labels from the species column, whatever the breed's class id
+    assert [(p.stem, label) for p, label in data.samples] == listed["trainval"][1:-1]
+    assert [(b.path.stem, b.reason) for b in data.bad_files] == sorted(
+        [
+            (listed["trainval"][0][0], "empty file (0 bytes)"),
+            (listed["trainval"][-1][0], "listed in the annotations but missing"),
+        ]
+    )
+    for i in range(len(data)):  # PNG and RGBA data named .jpg included
+        assert data[i][0].shape == (3, 32, 32)
+    plain = data.with_transform(None)
+    assert [_warm(plain[i][0]) for i in range(len(plain))] == [label == 0 for label in plain.targets]
+
+    test = oxford_pets(tmp_path, split="test", download=False)
+    assert [(p.stem, label) for p, label in test.samples] == listed["test"] and test.bad_files == []
 
 
 def test_oxford_pets_missing_offline(tmp_path: Path) -> None:
@@ -282,7 +362,36 @@ def test_oxford_pets_missing_offline(tmp_path: Path) -> None:
         oxford_pets(tmp_path, download=False)
 
 
-def test_bad_file_is_a_named_tuple() -> None:
-    bad = BadFile(Path("x.jpg"), "empty file (0 bytes)")
-    assert bad.path == Path("x.jpg") and bad == (Path("x.jpg"), "empty file (0 bytes)")
-    assert io.StringIO(str(bad)).read().startswith("BadFile(")
+def _pillow_decodes(path: Path) -> bool:
+    """An independent check: Pillow decodes the whole file at full size and converts it to RGB."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image.convert("RGB")
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.real_photos
+def test_real_sample_scans_like_an_independent_decode(pets_dir: Path) -> None:
+    """The whole real sample: DogsVsCats keeps exactly the files Pillow decodes, labelled by folder."""
+    before = _digest(pets_dir)
+    data = DogsVsCats(pets_dir, transform=vt.imagenet_transform(size=32))
+
+    folders = sorted(p.name for p in pets_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files = {
+        path: folder
+        for folder in folders
+        for path in (pets_dir / folder).rglob("*")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(pets_dir).parts)
+    }
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        usable = {path for path, ok in zip(files, pool.map(_pillow_decodes, files), strict=True) if ok}
+    assert len(folders) >= 2 and len(usable) > 0
+    assert data.classes == folders
+    assert {p: data.classes[label] for p, label in data.samples} == {p: files[p] for p in usable}
+    assert {b.path for b in data.bad_files} == set(files) - usable
+    for i in range(0, len(data), max(1, len(data) // 20)):
+        assert data[i][0].shape == (3, 32, 32)
+    assert _digest(pets_dir) == before  # read, never written
