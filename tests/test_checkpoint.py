@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -16,7 +20,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights
 
 import vggtransfer as vt
-from helpers import blobs, toy, trainer, vgg, weights_equal
+from helpers import ToyVGG, blobs, toy, trainer, vgg, weights_equal
 from vggtransfer._checkpoint_file import atomic_save, tensor_checksum
 
 
@@ -190,7 +194,10 @@ def test_malicious_pickle_is_refused_without_running(tmp_path: Path, monkeypatch
     data = torch.load(path, weights_only=True)
     data["class_names"] = Payload(marker)
     torch.save(data, path)
-    expected = f"refusing to load checkpoint '{path}': it contains objects that only the full pickle loader can build"
+    expected = (
+        f"refusing to load checkpoint '{path}': the safe loader cannot read it \\(WeightsUnpickler error: "
+        f"Unsupported global: GLOBAL getattr .*\\)\\. Either it holds objects that only the full pickle loader can build"
+    )
     with pytest.raises(vt.CheckpointError, match=expected):
         trainer().load_checkpoint(path)
     with pytest.raises(vt.CheckpointError, match=expected):
@@ -244,6 +251,20 @@ def _optimizer(data: dict) -> None:
     data["trainer"]["optimizer"]["param_groups"][0]["params"] = [0, 1]
 
 
+def _setter(*keys: str | int, value: object):
+    """A change that sets ``data[k1][k2]...`` to ``value`` (a callable value is given the old one)."""
+
+    def change(data: dict) -> None:
+        target = data
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value(target[keys[-1]]) if callable(value) else value
+
+    change.__name__ = "_" + "_".join(str(k) for k in keys if not str(k).isdigit())
+    return change
+
+
+OPTIMIZER_STATE = ("trainer", "optimizer", "state", 0)
 TAMPERING = [
     (_drop_key, r"does not fit this model; nothing was loaded:\n  1 missing keys \(e.g. classifier.0.bias\)"),
     (_nan, r"holds NaN or infinite values in 1 tensors \(first: classifier.3.weight\)"),
@@ -259,10 +280,59 @@ TAMPERING = [
         _optimizer,
         r"holds optimizer state for parameter groups of sizes \[2\] but this Trainer's optimizer would have \[4\]",
     ),
+    # Before these checks, a wrong-shaped Adam state crashed the process (SIGSEGV) in the next fit.
+    (
+        _setter(*OPTIMIZER_STATE, "exp_avg", value=torch.zeros(3, 7)),
+        r"optimizer state 'exp_avg' of parameter 0 has shape \[3, 7\] but the parameter has \[500, 64\]",
+    ),
+    (
+        _setter(*OPTIMIZER_STATE, "exp_avg_sq", value=lambda t: torch.full_like(t, float("nan"))),
+        r"holds NaN or infinite values in optimizer state 'exp_avg_sq' of parameter 0; resuming would train",
+    ),
+    (
+        _setter(
+            "trainer",
+            "optimizer",
+            "param_groups",
+            0,
+            value=lambda g: {"params": g["params"], "lr": g["lr"], "momentum": 0.9},
+        ),
+        r"holds the state of another kind of optimizer: its parameter groups lack \['amsgrad', 'betas', 'eps', 'weight_decay'\]",
+    ),
+    (
+        _setter("trainer", "epoch", value="two"),
+        r"is damaged: trainer field 'epoch' should be an int >= 0 but is 'two'",
+    ),
+    (
+        _setter("trainer", "seed", value=-5),
+        r"is damaged: trainer field 'seed' should be an int >= 0 but is -5",
+    ),
+    (
+        _setter("trainer", "rng", "torch", value=torch.zeros(3)),
+        r"random-number state for torch is not a uint8 tensor",
+    ),
+    (
+        _setter("trainer", "rng", "python", value=[3, [1, 2], None]),
+        r"random-number state for Python's random module",
+    ),
+    (
+        _setter("trainer", "history", value={"records": [{"epoch": "x"}]}),
+        r"trainer field 'history' is not a list",
+    ),
+    (
+        _setter("trainer", "best", value={"value": 1.0}),
+        r"trainer field 'best' lacks value, epoch, wait or state",
+    ),
+    (_setter("trainer", "unfreeze_lr", value=-1.0), r"trainer field 'unfreeze_lr' is -1.0"),
+    (_setter("transform", value={"size": -3}), r"is damaged: its transform settings do not build"),
+    (_setter("class_names", value="cool"), r"is damaged: class_names should be a list of str but is 'cool'"),
+    (_setter("extra", value=[1, 2]), r"is damaged: 'extra' is not a dict"),
 ]
 
 
-@pytest.mark.parametrize(("change", "message"), TAMPERING, ids=[c.__name__.strip("_") for c, _ in TAMPERING])
+@pytest.mark.parametrize(
+    ("change", "message"), TAMPERING, ids=[f"{i}{c.__name__}" for i, (c, _) in enumerate(TAMPERING)]
+)
 def test_tampered_checkpoint_is_refused_and_nothing_changes(tmp_path: Path, change, message: str) -> None:
     fresh, path = _tampered(tmp_path, change)
     before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
@@ -449,3 +519,184 @@ def test_checkpoint_is_plain_data_readable_without_vggtransfer(tmp_path: Path) -
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.startswith("vggtransfer.checkpoint 2 ")
+
+
+# ---------------------------------------------------------------------------- hostile files, plain data, full disk
+
+
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(100), "a JPEG image"),
+        (b"<!DOCTYPE html><html><body>404</body></html>", "an HTML page"),
+        (b'{"epoch": 3, "weights": []}', "JSON or other text"),
+        (b"epoch=3\nloss=0.2\n", "a text file"),
+        (bytes(range(7, 256)) * 4, "not a PyTorch file (unknown binary data)"),
+        (b"", "empty (0 bytes)"),
+    ],
+)
+def test_files_that_are_not_checkpoints_are_named_for_what_they_are(
+    tmp_path: Path, content: bytes, kind: str
+) -> None:
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    for load in (vt.load_model, trainer().load_checkpoint):
+        with pytest.raises(vt.CheckpointError) as raised:
+            load(path)
+        assert str(raised.value) == (
+            f"{str(path)!r} is not a vggtransfer checkpoint: it is {kind}, not a file written by torch.save. "
+            f"Checkpoints come from Trainer.save_checkpoint (e.g. runs/pets/best.pt)"
+        )
+    assert path.read_bytes() == content
+
+
+def test_random_bytes_after_a_zip_or_pickle_signature_are_a_checkpoint_error(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (4096,), generator=generator, dtype=torch.uint8).numpy().tobytes()
+    for signature in (b"PK\x03\x04", b"\x80\x02"):
+        path = tmp_path / "random.pt"
+        path.write_bytes(signature + noise)
+        with pytest.raises(vt.CheckpointError) as raised:
+            vt.load_model(path)
+        assert re.match(
+            r"^(cannot read|refusing to load) checkpoint '.*random.pt'.* damaged", str(raised.value)
+        )
+
+
+def _tensor_member_offset(path: Path) -> int:
+    """Where the bytes of the largest tensor start inside a torch.save zip file."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        member = max((m for m in archive.infolist() if "/data/" in m.filename), key=lambda m: m.file_size)
+    with path.open("rb") as file:
+        file.seek(member.header_offset + 26)
+        name_length, extra_length = (
+            int.from_bytes(file.read(2), "little"),
+            int.from_bytes(file.read(2), "little"),
+        )
+    return member.header_offset + 30 + name_length + extra_length + member.file_size // 2
+
+
+def test_one_flipped_byte_in_tensor_data_is_found(tmp_path: Path) -> None:
+    t = trainer()
+    path = t.save_checkpoint(tmp_path / "ck.pt")
+    data = bytearray(path.read_bytes())
+    data[_tensor_member_offset(path)] ^= 0x01
+    path.write_bytes(bytes(data))
+    fresh = trainer()
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    for load in (vt.load_model, fresh.load_checkpoint):
+        with pytest.raises(
+            vt.CheckpointError, match=r"is corrupted: its tensor data does not match the checksum"
+        ):
+            load(path)
+    assert all(torch.equal(before[k], v) for k, v in fresh.model.state_dict().items())
+
+
+def test_numpy_values_and_paths_are_saved_as_plain_data_and_load_again(tmp_path: Path) -> None:
+    t = trainer()
+    t.fit(blobs(16), epochs=1, batch_size=8, num_workers=0)
+    t.lr = np.float64(1e-3)  # set after construction, as users do
+    t.class_names = np.array(["cool", "warm"])
+    t.extra = {
+        "data": tmp_path / "pets",
+        "counts": np.array([3, 5]),
+        "mean": np.float32(0.5),
+        "ids": (np.int64(1),),
+    }
+    path = t.save_checkpoint(tmp_path / "ck.pt")
+    fresh = trainer()
+    fresh.load_checkpoint(path)
+    assert fresh.extra == {"data": str(tmp_path / "pets"), "counts": [3, 5], "mean": 0.5, "ids": (1,)}
+    assert type(fresh.extra["counts"][0]) is int and fresh.class_names == ["cool", "warm"]
+    saved = torch.load(path, weights_only=True)
+    assert type(saved["trainer"]["lr"]) is float and saved["class_names"] == ["cool", "warm"]
+
+
+def test_extra_that_no_checkpoint_can_hold_is_refused_before_writing(tmp_path: Path) -> None:
+    t = trainer()
+    t.extra = {"split": {"train": [1, 2, {3}]}}
+    with pytest.raises(
+        TypeError,
+        match=r"^save_checkpoint: extra\['split'\]\['train'\]\[2\] is a set \(\{3\}\), which a checkpoint cannot hold",
+    ):
+        t.save_checkpoint(tmp_path / "ck.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_model_refuses_class_names_that_do_not_fit_the_outputs(tmp_path: Path) -> None:
+    path = trainer(vgg()).save_checkpoint(tmp_path / "ck.pt", training_state=False)
+    data = torch.load(path, weights_only=True)
+    data["class_names"] = ["cool", "warm", "hot"]
+    torch.save(data, path)
+    with pytest.raises(
+        vt.CheckpointError, match=r"has 3 classes \['cool', 'warm', 'hot'\] but this model has 2 outputs"
+    ):
+        vt.load_model(path)
+
+
+@contextlib.contextmanager
+def _small_disk(folder: Path, megabytes: int, monkeypatch: pytest.MonkeyPatch):
+    """A file system with ``megabytes`` of room at ``folder``: a real tmpfs as root, else an injected ENOSPC."""
+    folder.mkdir()
+    if (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        == 0
+    ):
+        try:
+            yield "tmpfs"
+        finally:
+            subprocess.run(["umount", str(folder)], check=True)
+        return
+    import vggtransfer._checkpoint_file as checkpoint_file
+
+    real_fdopen = os.fdopen
+
+    class Full(io.RawIOBase):
+        def __init__(self, file) -> None:
+            self.file, self.written = file, 0
+
+        def write(self, data) -> int:
+            if self.written + len(data) > megabytes * 1_000_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(data)
+            return self.file.write(data)
+
+        def flush(self) -> None:
+            self.file.flush()
+
+        def fileno(self) -> int:
+            return self.file.fileno()
+
+        def __exit__(self, *exc) -> None:
+            self.file.close()
+
+    monkeypatch.setattr(checkpoint_file.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    yield "injected"
+
+
+def test_a_full_disk_keeps_the_old_checkpoint_and_leaves_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "disk"
+    small = trainer()
+    big = vt.Trainer(
+        vt.replace_classifier(vt.freeze_features(ToyVGG()), 2, hidden=(16384,)), device="cpu", progress=False
+    )
+    with _small_disk(folder, 2, monkeypatch):
+        path = small.save_checkpoint(folder / "ck.pt")  # well under 2 MB
+        saved = path.read_bytes()
+        with pytest.raises(OSError) as raised:
+            big.save_checkpoint(folder / "ck.pt")  # about 3.3 MB of weights and Adam state
+        assert raised.value.errno == errno.ENOSPC
+        assert re.match(
+            rf"\[Errno {errno.ENOSPC}\] no space left to write '{folder}/ck.pt': it needs about \d+\.\d MB and \d+\.\d MB are free\. "
+            r"The previous file is kept and no partial file was left",
+            str(raised.value),
+        )
+        assert path.read_bytes() == saved and [p.name for p in folder.iterdir()] == ["ck.pt"]
+        trainer().load_checkpoint(path)  # the old file still loads

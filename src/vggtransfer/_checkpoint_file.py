@@ -194,12 +194,18 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        # torch names what the safe unpickler refused on a line of its own; the rest is boilerplate.
+        found = [
+            line.strip()
+            for line in str(exc).splitlines()
+            if line.strip().startswith("WeightsUnpickler error: ")
+        ]
         raise CheckpointError(
-            f"refusing to load checkpoint {str(path)!r}: it contains objects that only the full "
-            f"pickle loader can build, which could run arbitrary code ({first}). vggtransfer "
-            f"checkpoints hold plain data and tensors only; this file was not written by "
-            f"vggtransfer or has been tampered with"
+            f"refusing to load checkpoint {str(path)!r}: the safe loader cannot read it"
+            + (f" ({refused[0]})" if refused else "")
+            + ". Either it holds objects that only the full pickle loader can build, which could run "
+            "arbitrary code, or it is damaged. vggtransfer checkpoints hold plain data and tensors "
+            "only; this file was not written by vggtransfer, or has been damaged or tampered with"
         ) from None
     except Exception as exc:  # the unpickler of a damaged file raises anything: KeyError, IndexError, ...
         first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:200]  # torch's first sentence
