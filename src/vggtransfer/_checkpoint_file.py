@@ -195,7 +195,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch names what the safe unpickler refused on a line of its own; the rest is boilerplate.
-        found = [
+        refused = [
             line.strip()
             for line in str(exc).splitlines()
             if line.strip().startswith("WeightsUnpickler error: ")
