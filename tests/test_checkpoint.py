@@ -700,3 +700,16 @@ def test_a_full_disk_keeps_the_old_checkpoint_and_leaves_no_partial_file(
         )
         assert path.read_bytes() == saved and [p.name for p in folder.iterdir()] == ["ck.pt"]
         trainer().load_checkpoint(path)  # the old file still loads
+
+
+def test_version_1_files_without_a_checksum_still_load(tmp_path: Path) -> None:
+    t = trainer()
+    t.fit(blobs(16), epochs=1, batch_size=8, num_workers=0)
+    path = t.save_checkpoint(tmp_path / "ck.pt")
+    data = torch.load(path, weights_only=True)
+    data["format_version"] = 1
+    del data["checksum"]
+    torch.save(data, path)
+    fresh = trainer()
+    fresh.load_checkpoint(path)
+    assert fresh.epoch == 1 and weights_equal(fresh.model, t.model)
