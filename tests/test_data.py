@@ -395,3 +395,70 @@ def test_real_sample_scans_like_an_independent_decode(pets_dir: Path) -> None:
     for i in range(0, len(data), max(1, len(data) // 20)):
         assert data[i][0].shape == (3, 32, 32)
     assert _digest(pets_dir) == before  # read, never written
+
+
+# ---------------------------------------------------------------------------- hostile folders
+
+
+def test_a_class_folder_linking_back_to_the_data_folder_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "pets"
+    photos.class_folders(root, {"cats": 2, "dogs": 2})
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    before = _digest(root / "cats") | _digest(root / "dogs")
+    with pytest.raises(ValueError) as raised:
+        DogsVsCats(root, progress=False)
+    assert str(raised.value) == (
+        f"DogsVsCats: 'loop' in {str(root)!r} is a symbolic link to {str(root.resolve())!r}, which contains "
+        f"the data folder itself; as a class it would repeat every image. Remove the link"
+    )
+    assert _digest(root / "cats") | _digest(root / "dogs") == before
+    (root / "loop").unlink()
+    (root / "elsewhere").symlink_to(root / "dogs", target_is_directory=True)  # an ordinary linked folder
+    assert DogsVsCats(root, progress=False).classes == ["cats", "dogs", "elsewhere"]
+
+
+def test_an_unreadable_sub_folder_is_an_error_not_missing_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "pets"
+    photos.class_folders(root, {"cats": 2, "dogs": 2})
+    (root / "dogs" / "more").mkdir()
+    photos.save(photos.photo(DOG, 7), root / "dogs" / "more" / "x.jpg")
+    locked = root / "dogs" / "more"
+    real_scandir = os.scandir
+
+    def scandir(path=None):  # what listing a chmod 000 folder does (root would ignore the mode)
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(PermissionError) as raised:
+        DogsVsCats(root, progress=False)
+    assert str(raised.value) == (
+        f"[Errno 13] cannot list folder {str(locked)!r} (Permission denied); its images would be left out. "
+        f"Make it readable (chmod +rx) or move it out of the data folder"
+    )
+    with pytest.raises(PermissionError, match="cannot list folder"):
+        scan_images(root, progress=False)
+
+
+def test_non_utf8_file_names_are_scanned_and_served(tmp_path: Path) -> None:
+    root = tmp_path / "pets"
+    photos.class_folders(root, {"cats": 2, "dogs": 2})
+    odd = Path(os.fsdecode(bytes(root / "cats") + b"/\xff\xfe.jpg"))
+    photos.save(photos.photo(CAT, 9), odd)
+    data = DogsVsCats(root, transform=vt.imagenet_transform(size=32), progress=False)
+    assert odd in [path for path, _ in data.samples] and len(data) == 5
+    assert data[[path for path, _ in data.samples].index(odd)][0].shape == (3, 32, 32)
+
+
+def test_predict_names_a_decompression_bomb(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (15000, 15000)).save(bomb)
+    model = vt.replace_classifier(vt.freeze_features(vt.create_model("resnet18", weights=None)), 2)
+    trainer = vt.Trainer(model, device="cpu", progress=False, transform=vt.imagenet_transform(size=32))
+    with pytest.raises(
+        ValueError, match=rf"^predict: refusing '{bomb}': Image size \(225000000 pixels\) exceeds limit"
+    ):
+        trainer.predict(bomb)

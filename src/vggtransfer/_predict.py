@@ -81,6 +81,11 @@ def _one(item: Any, transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:
                 return transform(image)
         except FileNotFoundError:
             raise FileNotFoundError(f"predict: image file {str(path)!r} does not exist") from None
+        except Image.DecompressionBombError as exc:
+            raise ValueError(
+                f"predict: refusing {str(path)!r}: {exc} Check the file, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                f"if such images are expected"
+            ) from None
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise ValueError(f"predict: cannot read {str(path)!r} as an image ({exc})") from None
     if isinstance(item, Image.Image):

@@ -202,12 +202,21 @@ def _list_files(
         root = Path(files)
         if not root.is_dir():
             raise FileNotFoundError(f"scan_images: folder {str(root)!r} does not exist or is not a folder")
-        return sorted(
-            path
-            for path in (root.rglob("*") if recursive else root.iterdir())
-            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
-        )
+        found: list[Path] = []
+        for folder, subfolders, names in os.walk(root, onerror=_unreadable, followlinks=False):
+            subfolders[:] = [] if not recursive else sorted(d for d in subfolders if not d.startswith("."))
+            found += [Path(folder, name) for name in names if not name.startswith(".")]
+        return sorted(path for path in found if path.is_file())
     return sorted(Path(p) for p in files)
+
+
+def _unreadable(error: OSError) -> None:
+    # os.walk skips folders it cannot list; their images would silently be missing from the data.
+    raise type(error)(
+        error.errno,
+        f"cannot list folder {error.filename!r} ({error.strerror}); its images would be left out. "
+        f"Make it readable (chmod +rx) or move it out of the data folder",
+    ) from None
 
 
 def _progress_bar(total: int, progress: bool) -> Any:
@@ -328,6 +337,8 @@ class DogsVsCats(ImageList):
                 f"DogsVsCats: folder {str(self.root)!r} does not exist or is not a folder"
             )
         folders = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for folder in folders:
+            _refuse_loop(self.root, folder)
         names = {p.name for p in folders}
         if {"train", "test1"} <= names:
             raise ValueError(
@@ -379,6 +390,18 @@ class DogsVsCats(ImageList):
             if not _KAGGLE_NAME.match(p.name)
         ]
         return samples, classes, unlabelled
+
+
+def _refuse_loop(root: Path, folder: Path) -> None:
+    """A class folder that links back to the data folder (or above) would repeat every image."""
+    if not folder.is_symlink():
+        return
+    target, top = folder.resolve(), root.resolve()
+    if target == top or target in top.parents:
+        raise ValueError(
+            f"DogsVsCats: {folder.name!r} in {str(root)!r} is a symbolic link to {str(target)!r}, which "
+            f"contains the data folder itself; as a class it would repeat every image. Remove the link"
+        )
 
 
 @dataclass(frozen=True)
