@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -154,7 +155,10 @@ def data_key(data: Any) -> str | None:
     elif isinstance(getattr(root, "samples", None), list):
         for path, label in root.samples:
             stat = Path(path).stat()
-            digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            # fsencode: any name the OS gave, even one that is not UTF-8 (surrogate-escaped);
+            # the same bytes as before for the others, so existing caches stay valid.
+            digest.update(os.fsencode(path))
+            digest.update(f"|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode("utf-8", "surrogatepass"))
     else:
         return None
     transform = getattr(root, "transform", None)
