@@ -204,7 +204,9 @@ def run(args: argparse.Namespace) -> int:
     train_eval_set, _ = split.subsets(data.with_transform(eval_transform))
     say(f"split: {len(train_set)} training, {len(val_set)} validation images (seed {args.seed})")
 
-    # 3. Model and training.
+    # 3. Model and training. The new head's initial weights come from torch's global generator:
+    # seed it, so that --seed makes the whole run repeatable, not only the split and the shuffling.
+    torch.manual_seed(args.seed)
     try:
         model = build_model(args)
     except vt.WeightsNotAvailableError as exc:

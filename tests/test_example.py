@@ -215,3 +215,15 @@ def test_example_trains_on_the_whole_real_sample(example, pets_dir: Path, tmp_pa
     assert [sum(row) for row in metrics["val"]["confusion_matrix"]] == held_out
     assert len(metrics["history"]) == 1 and math.isfinite(metrics["history"][0]["train_loss"])
     assert metrics["reloaded_val_accuracy"] == metrics["val"]["accuracy"]
+
+
+def test_example_seed_makes_the_whole_run_repeatable(example, tmp_path: Path) -> None:
+    root = tmp_path / "PetImages"
+    photos.petimages(root, 6)
+    histories = []
+    for run, outside in enumerate((1, 2)):
+        torch.manual_seed(outside)  # whatever state the caller left the global generator in
+        out = tmp_path / f"out{run}"
+        assert example.main(["--data", str(root), "--out", str(out), "--seed", "3", *SMALL]) == 0
+        histories.append([r["train_loss"] for r in json.loads((out / "metrics.json").read_text())["history"]])
+    assert histories[0] == histories[1]
