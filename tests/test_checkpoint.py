@@ -19,6 +19,7 @@ import torchvision
 from torch import nn
 from torchvision.models import ResNet18_Weights
 
+import helpers
 import vggtransfer as vt
 from helpers import ToyVGG, blobs, toy, trainer, vgg, weights_equal
 from vggtransfer._checkpoint_file import atomic_save, tensor_checksum
@@ -312,6 +313,19 @@ TAMPERING = [
         r"random-number state for torch is not a uint8 tensor",
     ),
     (
+        _setter("trainer", "rng", "torch", value=lambda t: torch.zeros_like(t)),
+        r"its random-number state cannot be restored \(RuntimeError: ",
+    ),
+    (
+        _setter("trainer", "rng", "python", value=lambda p: [7, p[1], p[2]]),
+        r"its random-number state cannot be restored \(ValueError: ",
+    ),
+    (
+        _setter(*OPTIMIZER_STATE, value=lambda state: {k: v for k, v in state.items() if k != "exp_avg_sq"}),
+        r"does not fit this Trainer's Adam: the state of parameter 0 has \['exp_avg', 'step'\] where "
+        r"\['exp_avg', 'exp_avg_sq', 'step'\] are expected",
+    ),
+    (
         _setter("trainer", "rng", "python", value=[3, [1, 2], None]),
         r"random-number state for Python's random module",
     ),
@@ -337,8 +351,10 @@ def test_tampered_checkpoint_is_refused_and_nothing_changes(tmp_path: Path, chan
     fresh, path = _tampered(tmp_path, change)
     before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
     optimizer_before = fresh.optimizer.state_dict()
+    rng, names = torch.get_rng_state(), list(fresh.class_names or [])
     with pytest.raises(vt.CheckpointError, match=message):
         fresh.load_checkpoint(path)
+    assert torch.equal(torch.get_rng_state(), rng) and (fresh.class_names or []) == names and fresh.extra == {}
     assert all(torch.equal(before[k], v) for k, v in fresh.model.state_dict().items())
     assert fresh.optimizer.state_dict()["state"] == optimizer_before["state"] == {}
     assert fresh.epoch == 0 and len(fresh.history) == 0
@@ -713,3 +729,64 @@ def test_version_1_files_without_a_checksum_still_load(tmp_path: Path) -> None:
     fresh = trainer()
     fresh.load_checkpoint(path)
     assert fresh.epoch == 1 and weights_equal(fresh.model, t.model)
+
+
+def test_a_checkpoint_from_before_the_dropout_change_still_rebuilds(tmp_path: Path) -> None:
+    # vggtransfer 0.1's first releases kept MobileNet's Dropout(0.2) in front of the new head; their
+    # build records have no keep_input_dropout. Such a file must rebuild in its own layout.
+    old = vt.replace_classifier(vt.create_model("efficientnet_b0", weights=None), 2, keep_input_dropout=True)
+    assert [type(m).__name__ for m in old.classifier] == ["Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    spec = old.__dict__["_vggtransfer_spec"]
+    del spec["head"]["keep_input_dropout"]  # as the old release recorded it
+    path = vt.Trainer(old, device="cpu", progress=False).save_checkpoint(
+        tmp_path / "old.pt", training_state=False
+    )
+    model, _, _ = vt.load_model(path)
+    assert [type(m).__name__ for m in model.classifier] == ["Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    assert weights_equal(model, old)
+
+
+def test_a_scheduler_state_of_another_kind_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    def step_lr(optimizer):
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+
+    t = trainer(scheduler=step_lr)
+    t.fit(blobs(16), epochs=1, batch_size=8, num_workers=0)
+    path = t.save_checkpoint(tmp_path / "ck.pt")
+    data = torch.load(path, weights_only=True)
+    data["trainer"]["scheduler"] = {"last_epoch": "x", "lr_lambdas": [None]}
+    data["checksum"] = tensor_checksum(data)
+    torch.save(data, path)
+    fresh = trainer(scheduler=step_lr)
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.raises(
+        vt.CheckpointError,
+        match=r"holds a scheduler state without 'step_size': it was saved with another kind",
+    ):
+        fresh.load_checkpoint(path)
+    data["trainer"]["scheduler"] = {**t.scheduler.state_dict(), "last_epoch": "x"}
+    data["checksum"] = tensor_checksum(data)
+    torch.save(data, path)
+    with pytest.raises(
+        vt.CheckpointError,
+        match=r"is damaged: its scheduler state 'last_epoch' is 'x', where a int was expected",
+    ):
+        fresh.load_checkpoint(path)
+    assert all(torch.equal(before[k], v) for k, v in fresh.model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng) and fresh.epoch == 0 and fresh.scheduler.last_epoch == 0
+
+
+def test_numpy_strings_as_class_names_save_as_plain_str(tmp_path: Path) -> None:
+    t = trainer(class_names=None)
+    t.fit(helpers.Named(blobs(16), list(np.array(["cool", "warm"]))), epochs=1, batch_size=8, num_workers=0)
+    t.extra = {"when": np.datetime64("2026-12-01")}
+    with pytest.raises(
+        TypeError, match=r"^save_checkpoint: extra\['when'\] is a date \(datetime.date\(2026, 12, 1\)\)"
+    ):
+        t.save_checkpoint(tmp_path / "ck.pt")  # refused when saving, not when loading
+    t.extra = {"name": np.str_("pets")}
+    path = t.save_checkpoint(tmp_path / "ck.pt")
+    fresh = trainer()
+    fresh.load_checkpoint(path)
+    assert [type(n) for n in fresh.class_names] == [str, str] and type(fresh.extra["name"]) is str

@@ -111,6 +111,7 @@ def test_replace_classifier_vgg_recipe_shape() -> None:
         "hidden": [500],
         "dropout": 0.3,
         "keep_hidden": False,
+        "keep_input_dropout": False,
     }
 
 

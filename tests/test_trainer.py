@@ -780,3 +780,24 @@ def _read_only(folder: Path):
         yield
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_one_output_model_trains_with_its_own_loss_and_float_labels() -> None:
+    # The way out the one-output error recommends: labels are then not class indices, and are not checked.
+    def bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], targets.float())
+
+    data = blobs(32)
+    floats = TensorDataset(data.tensors[0], data.tensors[1].float())
+    for labels in (data, floats):
+        t = vt.Trainer(toy(num_classes=1), device="cpu", progress=False, seed=0, loss_fn=bce)
+        history = t.fit(labels, epochs=3, batch_size=8, num_workers=0)
+        assert history["train_loss"][-1] < history["train_loss"][0]
+
+
+def test_a_float_label_after_int_ones_is_caught_on_the_cached_path_too() -> None:
+    samples = [(image, 0 if i < 8 else 1.0) for i, image in enumerate(blobs(16).tensors[0])]
+    with pytest.raises(
+        TypeError, match=r"^fit\(train\): expected integer class indices as labels but got a torch.float"
+    ):
+        trainer(cache_features=True).fit(Listed(samples), epochs=1, batch_size=8, num_workers=0)

@@ -9,22 +9,22 @@ here run on the CPU, before a batch reaches the device, and say which sample or 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import Subset, TensorDataset, default_collate
 
-__all__ = ["BatchError", "check_known_labels", "check_targets", "collate_checked"]
+__all__ = ["BatchError", "BatchTypeError", "check_known_labels", "check_targets", "collate_checked"]
 
 _ORIGINAL = "BatchError: "
 
 
-class BatchError(ValueError):
-    """A batch that cannot be trained on: mixed image sizes or bad labels.
+class _WorkerSafeMessage(Exception):
+    """Keeps its own message when PyTorch re-raises it from a loader worker.
 
-    Raised in a loader worker, it reaches the main process through PyTorch's re-raise, which
-    rebuilds it from the worker's whole traceback text; only the original message is kept.
+    The re-raise rebuilds the exception from the worker's whole traceback text ("Caught ... in
+    DataLoader worker process 0. Original Traceback ..."); only the original message is kept.
     """
 
     def __init__(self, message: str) -> None:
@@ -33,8 +33,16 @@ class BatchError(ValueError):
         super().__init__(message)
 
 
-def collate_checked(samples: Sequence[Any], *, what: str) -> Any:
-    """``default_collate``, after checking that the images of the batch have one shape."""
+class BatchError(_WorkerSafeMessage, ValueError):
+    """A batch that cannot be trained on: images of mixed sizes, or labels out of range."""
+
+
+class BatchTypeError(_WorkerSafeMessage, TypeError):
+    """A batch whose labels are not integer class indices (float or bool)."""
+
+
+def collate_checked(samples: Sequence[Any], *, what: str, class_labels: bool = True) -> Any:
+    """``default_collate``, after checking that the images have one shape and, for class labels, their kind."""
     shapes = [tuple(sample[0].shape) for sample in samples if isinstance(sample[0], torch.Tensor)]
     if len(set(shapes)) > 1:
         other = next(i for i, shape in enumerate(shapes) if shape != shapes[0])
@@ -43,7 +51,20 @@ def collate_checked(samples: Sequence[Any], *, what: str) -> Any:
             f"{list(shapes[other])}, so they cannot be stacked; give the dataset a transform that "
             f"gives every image one size, e.g. vt.imagenet_transform() (resize and centre crop)"
         )
-    return default_collate(list(samples))
+    batch = default_collate(list(samples))
+    if class_labels and isinstance(batch, (list, tuple)) and len(batch) == 2:
+        _check_label_kind(batch[1], what)
+    return batch
+
+
+def _check_label_kind(targets: Any, what: str) -> None:
+    if isinstance(targets, torch.Tensor) and (
+        targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex()
+    ):
+        raise BatchTypeError(
+            f"{what}: expected integer class indices as labels but got a {targets.dtype} tensor; "
+            f"labels are not rounded or converted, so pass ints (0, 1, ...), e.g. torch.tensor(labels, dtype=torch.long)"
+        )
 
 
 def check_targets(targets: Any, outputs: int | None, what: str) -> None:
@@ -57,11 +78,7 @@ def check_targets(targets: Any, outputs: int | None, what: str) -> None:
         raise TypeError(
             f"{what}: expected the labels of a batch to be a tensor but got {type(targets).__name__}"
         )
-    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
-        raise TypeError(
-            f"{what}: expected integer class indices as labels but got a {targets.dtype} tensor; "
-            f"labels are not rounded or converted, so pass ints (0, 1, ...), e.g. torch.tensor(labels, dtype=torch.long)"
-        )
+    _check_label_kind(targets, what)
     if outputs is None or targets.numel() == 0:
         return
     low, high = int(targets.min()), int(targets.max())
@@ -80,7 +97,7 @@ def check_targets(targets: Any, outputs: int | None, what: str) -> None:
         )
 
 
-def check_known_labels(data: Any, outputs: int | None, what: str) -> None:
+def check_known_labels(data: Any, check: Callable[[torch.Tensor], None]) -> None:
     """Check every label up front where they are known without reading images.
 
     That is a ``TensorDataset``'s label tensor, or the ``targets`` / ``samples`` of ImageFolder,
@@ -106,4 +123,4 @@ def check_known_labels(data: Any, outputs: int | None, what: str) -> None:
         return
     if indices is not None:
         labels = labels[torch.as_tensor(indices, dtype=torch.long)]
-    check_targets(labels, outputs, what)
+    check(labels)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ._checkpoint_checks import (
+    check_against_live_states,
     check_identity,
     check_model_state,
     check_optimizer,
@@ -179,6 +180,8 @@ def read_resume(
     *,
     network: nn.Module,
     optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
     class_names: list[str] | None,
     unfrozen: bool,
 ) -> ResumePoint:
@@ -205,6 +208,7 @@ def read_resume(
             f"Trainer has already unfrozen them; load it into a Trainer built like the original"
         )
     check_trainer_fields(saved, network, source=source)
+    check_against_live_states(saved, scheduler, scaler, source=source)
     needs_unfreeze = saved_unfreeze is not None and not unfrozen
     target_frozen = set() if needs_unfreeze else frozen_keys(network)
     check_model_state(data, network, target_frozen if data["head_only"] else set(), source=source)

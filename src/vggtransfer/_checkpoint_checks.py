@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import random
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ from ._spec import build_spec
 from ._state_dict import fingerprint, state_dict_differences
 
 __all__ = [
+    "check_against_live_states",
     "check_identity",
     "check_model_state",
     "check_optimizer",
@@ -53,10 +55,12 @@ def plain(value: Any, where: str) -> Any:
         TypeError: something no checkpoint can hold (an object, a set, a function), named by
             its place, e.g. ``extra['split']['train'][3]``.
     """
-    if value is None or isinstance(value, (bool, str, torch.Tensor)):
+    if isinstance(value, np.generic):  # np.str_, np.float64, np.datetime64, ...: their Python value
+        return plain(value.item(), where)
+    if value is None or type(value) in (bool, str) or isinstance(value, torch.Tensor):
         return value
-    if isinstance(value, np.generic):
-        return value.item()
+    if isinstance(value, str):  # a str subclass needs the full unpickler: keep the text only
+        return str(value)
     if isinstance(value, np.ndarray):
         return plain(value.tolist(), where)
     if isinstance(value, numbers.Integral):
@@ -193,6 +197,7 @@ def check_optimizer(
             raise CheckpointError(
                 f"checkpoint {source!r} is damaged: an optimizer group has learning rate {lr!r}"
             )
+    keys = _state_keys(optimizer)
     by_index = {
         index: param
         for group, ps in zip(groups, params, strict=True)
@@ -204,8 +209,34 @@ def check_optimizer(
             raise CheckpointError(
                 f"checkpoint {source!r} is damaged: optimizer state for unknown parameter {index!r}"
             )
+        if keys is not None and set(state) != keys:
+            raise CheckpointError(
+                f"checkpoint {source!r} does not fit this Trainer's {type(optimizer).__name__}: the state of "
+                f"parameter {index} has {sorted(state)} where {sorted(keys)} are expected; nothing was loaded"
+            )
         for name, value in state.items():
             _check_state_value(value, param, f"optimizer state {name!r} of parameter {index}", source)
+
+
+def _state_keys(optimizer: torch.optim.Optimizer) -> set[str] | None:
+    """The per-parameter state entries ``optimizer``'s kind keeps (``exp_avg``, ...), found by one step of a twin.
+
+    None when that cannot be found out (an optimizer that needs a closure, or other arguments).
+    """
+    probe = torch.zeros(2, requires_grad=True)
+    settings = {
+        k: v
+        for k, v in optimizer.defaults.items()
+        if k not in ("foreach", "fused", "capturable", "differentiable")
+    }
+    try:
+        twin = type(optimizer)([probe], **settings)
+        probe.grad = torch.ones_like(probe)
+        twin.step()
+    except Exception:  # any optimizer may be given; then only values are checked
+        return None
+    state = twin.state_dict()["state"]
+    return set(state[0]) if state else None
 
 
 def _check_state_value(value: Any, param: nn.Parameter, what: str, source: str) -> None:
@@ -334,3 +365,53 @@ def _check_rng(rng: Any, source: str) -> None:
         and isinstance(numpy_state.get("cached_gaussian"), (int, float))
     ):  # fmt: skip
         raise bad("for NumPy is malformed")
+    # Structure is not enough (an all-zero Mersenne Twister state is invalid): set each state on
+    # a generator of its own, which raises what restoring the global ones later would.
+    try:
+        torch.Generator().set_state(torch_state)
+        random.Random().setstate((python[0], tuple(python[1]), python[2]))
+        np.random.RandomState().set_state(
+            ("MT19937", keys.numpy().astype(np.uint32), numpy_state["pos"], numpy_state["has_gauss"],
+             numpy_state["cached_gaussian"])
+        )  # fmt: skip
+    except (RuntimeError, ValueError, TypeError, OverflowError) as exc:
+        raise bad(f"cannot be restored ({type(exc).__name__}: {exc})") from None
+
+
+def check_against_live_states(saved: Mapping[str, Any], scheduler: Any, scaler: Any, *, source: str) -> None:
+    """The saved scheduler and scaler states have the entries, and kinds of values, of the live ones.
+
+    ``load_state_dict`` of a scheduler or a GradScaler copies whatever it is given, and a wrong
+    entry fails only later, inside ``fit``; comparing with the live objects' own state finds it
+    before anything is applied.
+    """
+    for name, live in (("scheduler", scheduler), ("scaler", scaler)):
+        state = saved.get(name)
+        if live is None or not state:
+            continue
+        expected = live.state_dict()
+        for key, value in expected.items():
+            if key not in state:
+                raise CheckpointError(
+                    f"checkpoint {source!r} holds a {name} state without {key!r}: it was saved with another "
+                    f"kind of {name} than this Trainer's {type(live).__name__}; build the Trainer like the original"
+                )
+            if not _same_kind(value, state[key]):
+                raise CheckpointError(
+                    f"checkpoint {source!r} is damaged: its {name} state {key!r} is {state[key]!r:.60}, where "
+                    f"a {type(value).__name__} was expected"
+                )
+
+
+def _same_kind(expected: Any, found: Any) -> bool:
+    if expected is None or callable(expected):
+        return True
+    if isinstance(expected, bool):
+        return isinstance(found, bool)
+    if isinstance(expected, numbers.Real):
+        return isinstance(found, numbers.Real) and not isinstance(found, bool) and math.isfinite(found)
+    if isinstance(expected, (list, tuple)):
+        return isinstance(found, (list, tuple))
+    if isinstance(expected, dict):
+        return isinstance(found, dict)
+    return isinstance(found, type(expected))

@@ -179,6 +179,7 @@ def replace_classifier(
     hidden: Sequence[int] = (500,),
     dropout: float = 0.3,
     keep_hidden: bool = False,
+    keep_input_dropout: bool = False,
 ) -> M:
     """Replace the classifier head of ``model`` with a new one for ``num_classes`` classes, in place.
 
@@ -201,6 +202,9 @@ def replace_classifier(
         keep_hidden: Keep the pretrained hidden fully-connected layers (VGG's two 4096-wide
             ones) and replace only what follows the last of them. With ``hidden=()`` this
             replaces just the final ``nn.Linear``.
+        keep_input_dropout: Keep dropout found before the old head's first ``nn.Linear``, as
+            vggtransfer 0.1's first releases did (checkpoints of those record no such option
+            and are rebuilt with it).
 
     Returns:
         ``model`` itself, changed in place. The new layers are trainable, on the device and
@@ -228,7 +232,7 @@ def replace_classifier(
     head = locate_head(model, "replace_classifier")
     cut = head.projections[-1] if keep_hidden else head.projections[0]
     kept = list(head.layers[:cut])
-    if not keep_hidden:  # the old head's own dropout is not input preparation
+    if not (keep_hidden or keep_input_dropout):  # the old head's own dropout is not input preparation
         kept = [layer for layer in kept if not isinstance(layer, _DropoutNd)]
     first_new = head.layers[cut]
     if isinstance(first_new, nn.Conv2d):
@@ -249,6 +253,7 @@ def replace_classifier(
             "hidden": list(widths),
             "dropout": float(dropout),
             "keep_hidden": keep_hidden,
+            "keep_input_dropout": keep_input_dropout,
         },
     )
     return model

@@ -191,7 +191,12 @@ def rebuild_model(spec: dict[str, Any], *, pretrained: bool) -> nn.Module:
             model = append_classifier(model, head["num_classes"], **options)
         else:
             model = replace_classifier(
-                model, head["num_classes"], keep_hidden=head.get("keep_hidden", False), **options
+                model,
+                head["num_classes"],
+                keep_hidden=head.get("keep_hidden", False),
+                # Files from before this option kept such dropout: rebuild their layout.
+                keep_input_dropout=head.get("keep_input_dropout", True),
+                **options,
             )
     freeze = spec.get("freeze")
     if freeze:

@@ -110,6 +110,7 @@ def make_loader(
     rank: int = 0,
     world: int = 1,
     what: str = "fit(train)",
+    class_labels: bool = True,
 ) -> DataLoader[Any]:
     """A DataLoader that shuffles with :class:`EpochShuffle` and seeds workers per epoch.
 
@@ -129,7 +130,7 @@ def make_loader(
         sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
-        collate_fn=functools.partial(collate_checked, what=what),
+        collate_fn=functools.partial(collate_checked, what=what, class_labels=class_labels),
         # Worker seeds are drawn from this generator, reseeded every epoch.
         generator=torch.Generator().manual_seed(seed),
         # Workers that outlive an epoch would carry their random state into the next one and
@@ -146,8 +147,7 @@ class LoaderSource:
     loader: DataLoader[Any]
     forward: Callable[[torch.Tensor], torch.Tensor]
     seed: int
-    outputs: int | None = None  # the model's class count, for the label check
-    what: str = "fit(train)"
+    check_labels: Callable[[torch.Tensor], None] | None = None  # run on each batch's labels
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of ``epoch``, in that epoch's order, their labels checked on the CPU."""
@@ -156,7 +156,8 @@ class LoaderSource:
         if self.loader.generator is not None:
             self.loader.generator.manual_seed(self.seed + epoch)
         for inputs, targets in self.loader:
-            check_targets(targets, self.outputs, self.what)
+            if self.check_labels is not None:
+                self.check_labels(targets)
             yield inputs, targets
 
     @property
@@ -201,7 +202,7 @@ class CachedSource:
 BatchSource = LoaderSource | CachedSource
 
 
-def check_data(data: object, what: str, world_size: int) -> None:
+def check_data(data: object, what: str, world_size: int, *, class_labels: bool = True) -> None:
     """Refuse what cannot be trained or evaluated on, before any work starts.
 
     A Dataset must have a length, at least one sample, and a first sample that is an
@@ -225,10 +226,10 @@ def check_data(data: object, what: str, world_size: int) -> None:
         )
     if len(data) == 0:
         raise ValueError(f"{what}: the dataset is empty; expected at least one (image, label) sample")
-    _check_sample(data[0], what)
+    _check_sample(data[0], what, class_labels)
 
 
-def _check_sample(sample: Any, what: str) -> None:
+def _check_sample(sample: Any, what: str, class_labels: bool) -> None:
     if not (isinstance(sample, (tuple, list)) and len(sample) == 2):
         raise TypeError(
             f"{what}: expected each sample to be an (image, label) pair but the first one is a "
@@ -241,6 +242,13 @@ def _check_sample(sample: Any, what: str) -> None:
             f"{type(image).__name__}; give the dataset a transform, e.g. "
             f"ImageFolder(root, transform=vt.imagenet_transform())"
         )
+    if not class_labels:  # another loss: any tensor or number, as that loss needs
+        if isinstance(label, bool) or not isinstance(label, (numbers.Number, torch.Tensor)):
+            raise TypeError(
+                f"{what}: expected the label of each sample to be a number or a tensor but the first one "
+                f"is a {type(label).__name__}"
+            )
+        return
     integer_tensor = (
         isinstance(label, torch.Tensor)
         and label.ndim == 0
@@ -267,6 +275,7 @@ def batch_source(
     cache: FeatureCache,
     progress: Progress,
     compute_cache: bool = True,
+    class_labels: bool = True,
 ) -> BatchSource:
     """The batches of ``data`` for one role: from cached features when that gives the same result.
 
@@ -283,6 +292,8 @@ def batch_source(
         cache: Decides whether features are cached, and holds them.
         progress: Shows a feature pass.
         compute_cache: Whether a missing cache may be computed now.
+        class_labels: Labels are class indices (the loss is cross-entropy): check that they
+            are integers in ``[0, outputs)``. Other losses get their labels unchecked.
 
     Raises:
         TypeError, ValueError: see :func:`check_data`; ``cache_features=True`` for data whose
@@ -291,10 +302,16 @@ def batch_source(
     caller = what.split("(")[0]
     batch_size = check_positive_int(batch_size, "batch_size", caller)
     num_workers = check_workers(num_workers, caller)
-    check_data(data, what, runtime.world_size)
+    check_data(data, what, runtime.world_size, class_labels=class_labels)
     network = unwrap(model)
-    outputs = known_output_count(network)
-    check_known_labels(data, outputs, what)
+    # Class indices (for cross-entropy) are checked up front where known, then batch by batch.
+    check_labels = (
+        functools.partial(check_targets, outputs=known_output_count(network), what=what)
+        if class_labels
+        else None
+    )
+    if check_labels is not None:
+        check_known_labels(data, check_labels)
 
     def loader(shuffled: bool) -> DataLoader[Any]:
         return make_loader(
@@ -307,6 +324,7 @@ def batch_source(
             rank=runtime.rank,
             world=runtime.world_size,
             what=what,
+            class_labels=class_labels,
         )
 
     features = cache.features(
@@ -319,15 +337,14 @@ def batch_source(
         compute=compute_cache,
     )
     if features is not None:
-        check_targets(
-            features.targets, outputs, what
-        )  # once: other datasets had only their first sample checked
+        if check_labels is not None:
+            check_labels(features.targets)  # all of them, once
         head = runtime.wrap(locate_head(network, "Trainer").module, training=shuffle)
         return CachedSource(
             features, head, batch_size, shuffle, seed, runtime.device, runtime.rank, runtime.world_size
         )
     images = data if isinstance(data, DataLoader) else loader(shuffle)
-    return LoaderSource(images, runtime.wrap(model, training=shuffle), seed, outputs, what)
+    return LoaderSource(images, runtime.wrap(model, training=shuffle), seed, check_labels)
 
 
 def class_names_of(data: Data, current: list[str] | None, outputs: int | None) -> list[str] | None:
@@ -354,4 +371,4 @@ def class_names_of(data: Data, current: list[str] | None, outputs: int | None) -
             f"fit: the training data's classes {list(found)} differ from the Trainer's "
             f"class_names {current}; labels would be misnamed. Pass matching class_names"
         )
-    return list(found)
+    return [str(name) for name in found]  # np.str_ and other str subclasses become plain str

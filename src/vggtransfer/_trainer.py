@@ -340,6 +340,7 @@ class Trainer:
             data, model=self.model, what=what, batch_size=batch_size, shuffle=shuffle,
             num_workers=num_workers, seed=self.seed, runtime=self.runtime, cache=self._cache,
             progress=self.progress, compute_cache=compute_cache,
+            class_labels=isinstance(self.loss_fn, nn.CrossEntropyLoss),  # other losses: labels unchecked
         )
     # fmt: on
 
@@ -471,6 +472,8 @@ class Trainer:
             path,
             network=self.network,
             optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
             class_names=self.class_names,
             unfrozen=self.unfreeze_lr is not None,
         )
