@@ -31,6 +31,23 @@ def main() -> None:
     for job in sys.argv[4:]:
         name, cache, *resume = job.split(":", 2)
         run(out / name, cache, epochs, batch, resume[0] if resume else None)
+    agreement(out / "agreement")
+
+
+def agreement(out: Path) -> None:
+    """What every process must agree on: a drawn seed, and whether rank 0 could save."""
+    rank = int(os.environ["RANK"])
+    out.mkdir(parents=True, exist_ok=True)
+    drawn = vt.Trainer(build(rank), device="cpu", progress=False)  # seed=None: each rank draws one
+    blocker = out / "a-file"
+    if rank == 0:
+        blocker.write_text("not a folder")
+    try:
+        drawn.save_checkpoint(blocker / "ck.pt")  # rank 0 cannot write: nobody may wait for it
+        failure = "none"
+    except Exception as exc:
+        failure = type(exc).__name__
+    (out / f"rank{rank}.json").write_text(json.dumps({"seed": drawn.seed, "save": failure}))
 
 
 def run(out: Path, cache: str, epochs: int, batch: int, resume: str | None) -> None:

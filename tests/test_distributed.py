@@ -73,6 +73,12 @@ def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(
 
 
 @pytest.mark.slow
+def test_processes_agree_on_a_drawn_seed_and_on_a_failed_save(two_process_runs: Path) -> None:
+    ranks = [json.loads((two_process_runs / "agreement" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["seed"] == ranks[1]["seed"]  # else their shards of each epoch would overlap
+    assert [r["save"] for r in ranks] == ["FileExistsError", "RuntimeError"]  # raised, not hung
+
+
 def test_two_process_checkpoint_resumes_in_one_process(two_process_runs: Path) -> None:
     checkpoint = two_process_runs / "cache" / "checkpoints" / "last.pt"
     sys.path.insert(0, str(WORKER.parent))

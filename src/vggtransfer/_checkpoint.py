@@ -33,6 +33,7 @@ from ._checkpoint_file import (
     FORMAT,
     FORMAT_VERSION,
     CheckpointError,
+    atomic_save,
     check_finite,
     read_checkpoint,
     tensor_checksum,
@@ -44,7 +45,7 @@ from ._history import History
 from ._models import rebuild_model
 from ._progress import Progress
 from ._rng import capture_rng
-from ._runtime import resolve_device
+from ._runtime import Runtime, resolve_device
 from ._spec import build_spec
 from ._state_dict import cpu_state_dict, fingerprint, merge_into
 from ._transforms import ImageTransform, default_transform
@@ -237,6 +238,24 @@ def read_resume(
         transform=transform,
         extra=dict(data.get("extra") or {}),
     )
+
+
+def write_on_rank_zero(make: Callable[[], dict[str, Any]], path: Path, runtime: Runtime) -> None:
+    """Rank 0 builds and writes the file; every process returns only once it is written, or raises.
+
+    A failed write (a full disk) raises on rank 0 as it is and on the others as a RuntimeError,
+    rather than leaving them waiting for a file that never comes.
+    """
+    error: Exception | None = None
+    if runtime.rank == 0:
+        try:
+            atomic_save(make(), path)
+        except Exception as exc:
+            error = exc
+    if not runtime.all_agree(error is None):
+        raise error or RuntimeError(
+            f"save_checkpoint: rank 0 could not write {str(path)!r}; its error says why"
+        )
 
 
 class EpochFiles:

@@ -20,6 +20,7 @@ __all__ = [
     "DistributedEnv",
     "all_reduce_sum",
     "barrier",
+    "broadcast_int",
     "broadcast_state",
     "detect",
     "gather_rows",
@@ -126,6 +127,13 @@ def rank_and_world() -> tuple[int, int]:
     if active():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def broadcast_int(value: int, device: torch.device) -> int:
+    """Rank 0's ``value`` on every process (63 bits: the range of seeds)."""
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor[0])
 
 
 def broadcast_state(module: torch.nn.Module) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import nn
 
-from ._distributed import all_reduce_sum, broadcast_state, detect, join, rank_and_world
+from ._distributed import all_reduce_sum, broadcast_int, broadcast_state, detect, join, rank_and_world
 
 __all__ = [
     "Precision",
@@ -234,6 +234,24 @@ class Runtime:
     def sum_across(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over all processes, in place; unchanged in a single process."""
         return all_reduce_sum(tensor)
+
+    def all_agree(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every process (a collective: all must call it)."""
+        if self.world_size == 1:
+            return ok
+        flags = all_reduce_sum(torch.tensor([0.0 if ok else 1.0], device=self._collective_device))
+        return float(flags[0]) == 0.0
+
+    def agree_on(self, value: int) -> int:
+        """Rank 0's ``value``, on every process (a collective: all must call it)."""
+        if self.world_size == 1:
+            return value
+        return broadcast_int(value, self._collective_device)
+
+    @property
+    def _collective_device(self) -> torch.device:
+        # NCCL moves CUDA tensors only; Gloo CPU ones.
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     def mean_across(self, value: torch.Tensor) -> float:
         """The mean of a scalar tensor over all processes, as a float (one device sync)."""

@@ -19,9 +19,14 @@ import torch
 from torch import nn
 
 from ._arguments import check_epochs, check_optional_path, check_trainer_inputs
-from ._checkpoint import EpochFiles, TrainingObjects, check_savable, make_payload, read_resume
-from ._checkpoint_file import atomic_save
-from ._distributed import barrier
+from ._checkpoint import (
+    EpochFiles,
+    TrainingObjects,
+    check_savable,
+    make_payload,
+    read_resume,
+    write_on_rank_zero,
+)
 from ._early_stopping import BestTracker, EarlyStopping
 from ._feature_cache import CacheMode, FeatureCache
 from ._heads import known_output_count, output_count
@@ -135,6 +140,7 @@ class Trainer:
             device=device, precision=precision, channels_last=channels_last, compile_model=compile_model
         )
         self.model = self.runtime.place(model)
+        self.seed = self.runtime.agree_on(self.seed)  # a drawn seed is rank 0's: one shuffling order for all
         self.optimizer = build_optimizer(self.model, optimizer, self.lr)
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
         self.scheduler = build_scheduler(scheduler, self.optimizer)
@@ -179,11 +185,7 @@ class Trainer:
 
     @property
     def cache_report(self) -> dict[str, str]:
-        """Whether the last ``fit`` / ``evaluate`` used cached features, and why not if not.
-
-        Keys are the roles ``"fit(train)"``, ``"fit(val)"`` and ``"evaluate"``; values are
-        ``"on"``, ``"on (reused)"``, ``"on (from disk)"`` or ``"off: <reason>"``.
-        """
+        """Per role, ``"fit(train)"`` / ``"fit(val)"`` / ``"evaluate"``: ``"on"`` or ``"off: <why>"``."""
         return self._cache.report
 
     def unfreeze_features(self, *, lr: float | None = None) -> None:
@@ -444,13 +446,15 @@ class Trainer:
             },
         )
         path = Path(path)
-        if self.runtime.rank == 0:  # under torchrun rank 0 alone writes; the others wait for it
-            objects = self._training_objects() if training_state else None
-            payload = make_payload(
+        objects = self._training_objects() if training_state else None
+        # Under torchrun rank 0 alone writes; every process learns whether it could.
+        write_on_rank_zero(
+            lambda: make_payload(
                 network, head_only=head_only, transform=self.transform, objects=objects, **fields
-            )
-            atomic_save(payload, path)
-        barrier()
+            ),
+            path,
+            self.runtime,
+        )
         return path
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
