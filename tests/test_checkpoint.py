@@ -354,7 +354,9 @@ def test_tampered_checkpoint_is_refused_and_nothing_changes(tmp_path: Path, chan
     rng, names = torch.get_rng_state(), list(fresh.class_names or [])
     with pytest.raises(vt.CheckpointError, match=message):
         fresh.load_checkpoint(path)
-    assert torch.equal(torch.get_rng_state(), rng) and (fresh.class_names or []) == names and fresh.extra == {}
+    assert (
+        torch.equal(torch.get_rng_state(), rng) and (fresh.class_names or []) == names and fresh.extra == {}
+    )
     assert all(torch.equal(before[k], v) for k, v in fresh.model.state_dict().items())
     assert fresh.optimizer.state_dict()["state"] == optimizer_before["state"] == {}
     assert fresh.epoch == 0 and len(fresh.history) == 0

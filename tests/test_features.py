@@ -241,14 +241,15 @@ def test_disk_caches_are_pruned_to_the_limit_and_one_off_caches_removed(
     assert {p.name.split(".")[0] for p in cache.iterdir()} == {second_entry}
 
 
+@pytest.mark.parametrize("raw", ["lots", "nan", "-1", "inf"])
 def test_malformed_cache_limit_is_refused_before_the_feature_pass(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raw: str
 ) -> None:
-    monkeypatch.setenv("VGGTRANSFER_CACHE_LIMIT_GB", "lots")
+    monkeypatch.setenv("VGGTRANSFER_CACHE_LIMIT_GB", raw)
     t = trainer(cache_dir=tmp_path / "cache")
     with pytest.raises(
         ValueError,
-        match=r"VGGTRANSFER_CACHE_LIMIT_GB must be a number of gigabytes \(like 50 or 0\.5\) but is 'lots'",
+        match=rf"VGGTRANSFER_CACHE_LIMIT_GB must be a number of gigabytes \(like 50 or 0\.5\) but is '{raw}'",
     ):
         t.fit(blobs(16), epochs=1, batch_size=8, num_workers=0)
     assert t.epoch == 0 and not (tmp_path / "cache").exists()

@@ -642,8 +642,13 @@ def test_one_output_with_cross_entropy_is_refused_with_the_two_ways_out() -> Non
         ),
         (
             {"epochs": 2.0},
+            TypeError,
+            "fit: expected epochs to be an int >= 0 (the total to reach) but got 2.0 (float)",
+        ),
+        (
+            {"epochs": -1},
             ValueError,
-            "fit: expected epochs to be an int >= 0 (the total to reach) but got 2.0",
+            "fit: expected epochs to be an int >= 0 (the total to reach) but got -1",
         ),
     ],
 )
@@ -656,9 +661,27 @@ def test_bad_fit_arguments_are_refused_before_training(kwargs: dict, error: type
     assert t.epoch == 0 and all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
 
 
-def test_predict_batch_size_is_checked() -> None:
-    with pytest.raises(ValueError, match=r"^predict: expected batch_size to be a positive int but got 0$"):
-        trainer().predict(torch.zeros(3, 32, 32), batch_size=0)
+def test_predict_batch_size_and_mixed_sizes_are_checked() -> None:
+    t = trainer()
+    with pytest.raises(
+        ValueError, match=r"^predict: expected batch_size to be a positive int \(1 or more\) but got 0$"
+    ):
+        t.predict(torch.zeros(3, 32, 32), batch_size=0)
+    assert len(t.predict(torch.zeros(3, 3, 32, 32), batch_size=np.int64(2))) == 3
+    with pytest.raises(
+        ValueError,
+        match=r"^predict: the inputs have different sizes after preprocessing \(\[\[3, 32, 32\], \[3, 48, 48\]\]\)",
+    ):
+        t.predict([torch.zeros(3, 32, 32), torch.zeros(3, 48, 48)])
+
+
+def test_unfreeze_learning_rate_is_checked() -> None:
+    t = trainer()
+    with pytest.raises(
+        TypeError, match=r"^unfreeze_features: expected lr to be a number such as 1e-3 but got 'x' \(str\)"
+    ):
+        t.unfreeze_features(lr="x")  # type: ignore[arg-type]
+    assert t.unfreeze_lr is None and len(t.optimizer.param_groups) == 1
 
 
 def _labelled(labels: list[int] | torch.Tensor) -> TensorDataset:

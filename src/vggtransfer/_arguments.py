@@ -24,7 +24,7 @@ __all__ = [
     "check_class_names",
     "check_epochs",
     "check_learning_rate",
-    "check_optimizer",
+    "check_optimizer_argument",
     "check_optional_path",
     "check_positive_int",
     "check_scheduler",
@@ -150,7 +150,7 @@ def check_scheduler(value: object) -> None:
     )
 
 
-def check_optimizer(value: object) -> None:
+def check_optimizer_argument(value: object) -> None:
     """None or a ``torch.optim.Optimizer``."""
     if value is not None and not isinstance(value, torch.optim.Optimizer):
         raise TypeError(
@@ -163,7 +163,11 @@ def check_optimizer(value: object) -> None:
 def check_epochs(value: object) -> int:
     """``fit``'s ``epochs``: the total to reach, an int >= 0."""
     number = _integer(value)
-    if number is None or number < 0:
+    if number is None:
+        raise TypeError(
+            f"fit: expected epochs to be an int >= 0 (the total to reach) but got {value!r} ({type(value).__name__})"
+        )
+    if number < 0:
         raise ValueError(f"fit: expected epochs to be an int >= 0 (the total to reach) but got {value!r}")
     return number
 
@@ -208,7 +212,7 @@ def check_trainer_inputs(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Trainer: expected model to be an nn.Module but got {type(model).__name__}")
-    check_optimizer(optimizer)
+    check_optimizer_argument(optimizer)
     rate = check_learning_rate(lr)
     check_callable(loss_fn, "loss_fn", "nn.CrossEntropyLoss()")
     check_callable(transform, "transform", "vt.imagenet_transform()")

@@ -4,18 +4,20 @@ A checkpoint is one ``torch.save`` file holding a dict of plain data and CPU ten
 loads with ``torch.load(..., weights_only=True)``::
 
     format           "vggtransfer.checkpoint"
-    format_version   1
+    format_version   2 (1: the same without checksum, still read)
     model            state dict (all entries, or only the trainable ones when head_only)
     head_only        bool
     backbone_sha256  fingerprint of the frozen entries left out (head_only only)
     build            how vggtransfer built the model (arch, weights, head, freeze), or {}
     class_names      list of str, or None
     transform        ImageTransform settings, or None
+    extra            the user's plain data (a data split, ...)
     trainer          epoch, global_step, seed, optimizer/scheduler/scaler state, history,
                      early stopping, RNG states, precision, unfreeze learning rate
+    checksum         SHA-256 over every tensor above (:func:`tensor_checksum`)
 
 docs/checkpoints.md describes every field. What the fields must hold to fit a model is checked
-in ``_checkpoint``; this module only guarantees a complete, safe, versioned file.
+in ``_checkpoint_checks``; this module guarantees a complete, safe, versioned, intact file.
 """
 
 from __future__ import annotations

@@ -55,6 +55,8 @@ __all__ = ["CacheMode", "FeatureCache", "Verdict", "backbone_key", "cache_key", 
 
 CacheMode = bool | Literal["auto"]
 
+_MISSING = object()  # a dataset without a transform attribute
+
 # Bumped whenever preprocessing changes pixels for the same settings, so that disk caches written
 # by an older vggtransfer are not reused: 2 = PIL images resized as tensors.
 _PIXELS_VERSION = 2
@@ -113,8 +115,8 @@ def _transform_verdict(data: Any) -> Verdict:
     root = _root_dataset(data)
     if isinstance(root, TensorDataset):
         return Verdict("fixed")
-    transform = getattr(root, "transform", "missing")
-    if transform == "missing":
+    transform = getattr(root, "transform", _MISSING)
+    if transform is _MISSING:
         return Verdict(
             "unknown", f"cannot tell whether {type(root).__name__} returns the same tensors every epoch"
         )

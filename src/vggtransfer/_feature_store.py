@@ -89,6 +89,8 @@ def cache_limit_bytes() -> int:
     raw = os.environ.get("VGGTRANSFER_CACHE_LIMIT_GB", "50")
     try:
         gigabytes = float(raw)
+        if not gigabytes >= 0 or math.isinf(gigabytes):  # NaN, negative (would prune everything), inf
+            raise ValueError(raw)
     except ValueError:
         raise ValueError(
             f"VGGTRANSFER_CACHE_LIMIT_GB must be a number of gigabytes (like 50 or 0.5) but is {raw!r}"

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._arguments import check_learning_rate
 from ._freeze import unfreeze_features
 
 __all__ = [
@@ -142,7 +143,9 @@ def unfreeze_into(
     Returns:
         The features' learning rate.
     """
-    if lr is None:
+    if lr is not None:
+        lr = check_learning_rate(lr, "lr", "unfreeze_features")
+    else:
         head = optimizer.param_groups[0]
         # A schedule can sit at zero (cosine annealing's end): then a tenth of its base rate.
         lr = (float(head["lr"]) or float(head.get("initial_lr", base_lr))) / 10

@@ -12,6 +12,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from ._arguments import check_positive_int
 from ._runtime import Runtime, eval_mode
 
 __all__ = ["PredictInput", "Prediction", "as_items", "is_single", "names_for", "predict", "to_batch"]
@@ -69,8 +70,15 @@ def to_batch(inputs: Any, transform: Callable[[Any], torch.Tensor]) -> torch.Ten
         if inputs.dtype == torch.uint8:
             return torch.stack([transform(image) for image in inputs])
         return inputs
-    items = as_items(inputs)
-    return torch.stack([_one(item, transform) for item in items])
+    images = [_one(item, transform) for item in as_items(inputs)]
+    shapes = sorted({tuple(image.shape) for image in images})
+    if len(shapes) > 1:
+        raise ValueError(
+            f"predict: the inputs have different sizes after preprocessing ({[list(s) for s in shapes]}), so "
+            f"they cannot form one batch; pass paths or PIL images (the transform resizes them) or tensors "
+            f"of one size"
+        )
+    return torch.stack(images)
 
 
 def _one(item: Any, transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:
@@ -125,8 +133,7 @@ def predict(
         ValueError: ``batch_size`` is not a positive int, or a file is not an image.
         FileNotFoundError: a path does not exist.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"predict: expected batch_size to be a positive int but got {batch_size!r}")
+    batch_size = check_positive_int(batch_size, "batch_size", "predict")
     single = is_single(inputs)
     chunks: list[Any]
     if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
