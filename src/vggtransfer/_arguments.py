@@ -44,8 +44,8 @@ def _integer(value: object) -> int | None:
     return None
 
 
-def check_positive_int(value: object, name: str, caller: str) -> int:
-    """``value`` as an int >= 1 (numpy integers accepted)."""
+def check_positive_int(value: object, name: str, caller: str, *, limit: int = 2**31) -> int:
+    """``value`` as an int in ``[1, limit]`` (numpy integers accepted)."""
     number = _integer(value)
     if number is None:
         raise TypeError(
@@ -53,6 +53,8 @@ def check_positive_int(value: object, name: str, caller: str) -> int:
         )
     if number < 1:
         raise ValueError(f"{caller}: expected {name} to be a positive int (1 or more) but got {value!r}")
+    if number > limit:
+        raise ValueError(f"{caller}: expected {name} to be at most {limit} but got {value!r}")
     return number
 
 
@@ -68,6 +70,12 @@ def check_workers(value: object, caller: str) -> int | None:
         )
     if number < 0:
         raise ValueError(f"{caller}: expected num_workers to be None or an int >= 0 but got {value!r}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if number > max(64, 8 * cores):  # each is a process with a copy of the dataset: memory runs out first
+        raise ValueError(
+            f"{caller}: num_workers={number} loader processes for {cores} usable cores would exhaust memory; "
+            f"use at most {max(64, 8 * cores)}, or None for one per core"
+        )
     return number
 
 
