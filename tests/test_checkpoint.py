@@ -792,3 +792,11 @@ def test_numpy_strings_as_class_names_save_as_plain_str(tmp_path: Path) -> None:
     fresh = trainer()
     fresh.load_checkpoint(path)
     assert [type(n) for n in fresh.class_names] == [str, str] and type(fresh.extra["name"]) is str
+
+
+def test_a_folder_or_fifo_is_not_a_checkpoint(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    for path in (tmp_path, fifo):
+        with pytest.raises(vt.CheckpointError, match=r"is not a regular file; give the path of a .pt file"):
+            vt.load_model(path)

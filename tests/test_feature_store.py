@@ -467,3 +467,18 @@ def test_file_names_that_are_not_utf8_are_fingerprinted(tmp_path: Path) -> None:
     cool = os.fsencode(folder / "cool")
     os.rename(cool + b"/\xff.jpg", cool + b"/\xfe.jpg")  # another name, another key
     assert key is not None and data_key(dataset()) not in (key, None)
+
+
+def test_a_fifo_in_place_of_an_entry_file_is_damage_not_a_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VGGTRANSFER_CACHE_MEMORY_GB", "0")
+    cache = tmp_path / "cache"
+    trainer(cache_dir=cache).fit(blobs(16), epochs=1, batch_size=8, num_workers=0)
+    (description,) = cache.glob("*.json")
+    description.unlink()
+    os.mkfifo(description)  # reading it would wait forever for a writer
+    with pytest.warns(RuntimeWarning, match=r"is not a regular file"):
+        t = trainer(cache_dir=cache)
+        t.fit(blobs(16), epochs=1, batch_size=8, num_workers=0)
+    assert t.cache_report["fit(train)"] == "on"

@@ -631,7 +631,11 @@ def test_one_output_with_cross_entropy_is_refused_with_the_two_ways_out() -> Non
         ),
         ({"num_workers": -1}, ValueError, "fit: expected num_workers to be None or an int >= 0 but got -1"),
         ({"num_workers": 2**40}, ValueError, f"fit: num_workers={2**40} loader processes for"),
-        ({"batch_size": 2**63}, ValueError, f"fit: expected batch_size to be at most {2**31} but got {2**63}"),
+        (
+            {"batch_size": 2**63},
+            ValueError,
+            f"fit: expected batch_size to be at most {2**31} but got {2**63}",
+        ),
         (
             {"early_stopping": 5},
             TypeError,

@@ -185,8 +185,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             truncated, or contains objects that need the full unpickler.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if not path.is_file():  # a folder, a FIFO (reading would block), a device
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a regular file; give the path of a .pt file")
     other = _sniff(path)
     if other is not None:
         raise CheckpointError(

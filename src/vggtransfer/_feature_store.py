@@ -47,6 +47,7 @@ import math
 import os
 import re
 import secrets
+import stat
 import sys
 import time
 import warnings
@@ -624,6 +625,11 @@ def _open_checked(store: Path) -> FeatureSet | None:
     """
     description = store.with_suffix(".json")
     targets_file = store.with_suffix(".targets.pt")
+    for path in (description, store, targets_file):
+        # Opening a FIFO (or a device) for reading would block or never end: regular files only.
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISREG(path.stat().st_mode):
+                raise _Damaged(f"{path.name} is not a regular file")
     try:
         with open(description, "rb") as file:
             raw = file.read(_MAX_DESCRIPTION + 1)
