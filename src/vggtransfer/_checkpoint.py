@@ -59,6 +59,7 @@ __all__ = [
     "load_model",
     "make_payload",
     "read_resume",
+    "write_on_rank_zero",
 ]
 
 
