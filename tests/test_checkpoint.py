@@ -300,6 +300,31 @@ TAMPERING = [
         ),
         r"holds the state of another kind of optimizer: its parameter groups lack \['amsgrad', 'betas', 'eps', 'weight_decay'\]",
     ),
+    # A 0-d exp_avg passed the shape check (it skipped 0-d values) and crashed fit with SIGSEGV.
+    (
+        _setter(*OPTIMIZER_STATE, "exp_avg", value=torch.tensor(0.0)),
+        r"optimizer state 'exp_avg' of parameter 0 has shape \[\] but the parameter has \[500, 64\]",
+    ),
+    (
+        _setter(*OPTIMIZER_STATE, "step", value=torch.tensor(-1.0)),
+        r"is damaged: optimizer state 'step' of parameter 0",
+    ),
+    (
+        _setter("trainer", "optimizer", "param_groups", 0, "betas", value="x"),
+        r"is damaged: its optimizer setting 'betas' is 'x', where this Adam has \(0.9, 0.999\)",
+    ),
+    (
+        _setter("trainer", "optimizer", "param_groups", 0, "weight_decay", value=float("nan")),
+        r"is damaged: its optimizer setting 'weight_decay' is nan",
+    ),
+    (
+        _setter("class_names", value=["cool", "cool"]),
+        r"is damaged: its class names \['cool', 'cool'\] repeat a name",
+    ),
+    (
+        _setter("trainer", "scheduler", value={"last_epoch": 3}),
+        r"was saved with an LR scheduler, but this Trainer has none",
+    ),
     (
         _setter("trainer", "epoch", value="two"),
         r"is damaged: trainer field 'epoch' should be an int >= 0 but is 'two'",
@@ -799,4 +824,39 @@ def test_a_folder_or_fifo_is_not_a_checkpoint(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     for path in (tmp_path, fifo):
         with pytest.raises(vt.CheckpointError, match=r"is not a regular file; give the path of a .pt file"):
+            vt.load_model(path)
+
+
+def test_reduce_lr_on_plateau_checkpoints_round_trip(tmp_path: Path) -> None:
+    def plateau(optimizer):
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0)
+
+    t = trainer(scheduler=plateau)
+    t.fit(blobs(16), blobs(8, seed=3), epochs=2, batch_size=8, num_workers=0)
+    path = t.save_checkpoint(tmp_path / "ck.pt")  # its state holds mode_worse = inf
+    fresh = trainer(scheduler=plateau)
+    fresh.load_checkpoint(path)
+    assert fresh.scheduler.state_dict() == t.scheduler.state_dict()
+
+
+def test_special_files_are_never_replaced_by_a_checkpoint(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for target in (fifo, tmp_path):
+        with pytest.raises(
+            FileExistsError, match=r"exists and is not a regular file; refusing to replace it"
+        ):
+            trainer().save_checkpoint(target)
+    assert fifo.is_fifo() and tmp_path.is_dir()
+
+
+def test_a_build_record_that_does_not_build_is_a_checkpoint_error(tmp_path: Path) -> None:
+    path = trainer(vgg()).save_checkpoint(tmp_path / "ck.pt", training_state=False)
+    data = torch.load(path, weights_only=True)
+    for change in ({"random_init_kwargs": {"bogus": 1}}, {"freeze": "yes"}, {"head": {"num_classes": 2}}):
+        edited = {**data, "build": {**data["build"], **change}}
+        torch.save(edited, path)
+        with pytest.raises(
+            vt.CheckpointError, match=r"cannot rebuild the model of checkpoint .* from its build record \("
+        ):
             vt.load_model(path)

@@ -830,3 +830,12 @@ def test_a_float_label_after_int_ones_is_caught_on_the_cached_path_too() -> None
         TypeError, match=r"^fit\(train\): expected integer class indices as labels but got a torch.float"
     ):
         trainer(cache_features=True).fit(Listed(samples), epochs=1, batch_size=8, num_workers=0)
+
+
+def test_predict_refuses_a_fifo_instead_of_waiting_for_it(tmp_path: Path) -> None:
+    fifo = tmp_path / "camera.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(
+        ValueError, match=r"^predict: '.*camera.jpg' is not a regular file; give the path of an image file"
+    ):
+        trainer().predict(fifo)

@@ -42,7 +42,7 @@ from ._checkpoint_file import (
 from ._early_stopping import BestTracker
 from ._freeze import frozen_keys
 from ._history import History
-from ._models import rebuild_model
+from ._models import WeightsNotAvailableError, rebuild_model
 from ._progress import Progress
 from ._rng import capture_rng
 from ._runtime import Runtime, resolve_device
@@ -360,8 +360,14 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
     data = read_checkpoint(path)
     try:
         network = rebuild_model(data["build"], pretrained=data["head_only"])
-    except ValueError as exc:
-        raise CheckpointError(f"cannot rebuild the model of checkpoint {str(path)!r}: {exc}") from None
+    except WeightsNotAvailableError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as exc:
+        # The build record is as hostile as the rest of the file: whatever building it raises.
+        raise CheckpointError(
+            f"cannot rebuild the model of checkpoint {str(path)!r} from its build record "
+            f"({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
     frozen = frozen_keys(network) if data["head_only"] else set()
     check_identity(data, network, None, source=str(path))
     check_model_state(data, network, frozen, source=str(path))

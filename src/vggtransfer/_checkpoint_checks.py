@@ -107,6 +107,10 @@ def check_identity(
         raise CheckpointError(
             f"checkpoint {source!r} is damaged: class_names should be a list of str but is {saved_names!r:.80}"
         )
+    if saved_names is not None and len(set(saved_names)) != len(saved_names):
+        raise CheckpointError(
+            f"checkpoint {source!r} is damaged: its class names {saved_names} repeat a name"
+        )
     outputs = output_count(network)
     if saved_names is not None and len(saved_names) != outputs:
         raise CheckpointError(
@@ -197,6 +201,13 @@ def check_optimizer(
             raise CheckpointError(
                 f"checkpoint {source!r} is damaged: an optimizer group has learning rate {lr!r}"
             )
+        live = optimizer.param_groups[0]
+        for key in sorted(expected):
+            if not _same_kind(live[key], group[key]) or (isinstance(group[key], float) and group[key] < 0):
+                raise CheckpointError(
+                    f"checkpoint {source!r} is damaged: its optimizer setting {key!r} is {group[key]!r:.60}, "
+                    f"where this {type(optimizer).__name__} has {live[key]!r:.60}"
+                )
     keys = _state_keys(optimizer)
     by_index = {
         index: param
@@ -240,13 +251,16 @@ def _state_keys(optimizer: torch.optim.Optimizer) -> set[str] | None:
 
 
 def _check_state_value(value: Any, param: nn.Parameter, what: str, source: str) -> None:
+    scalar = what.startswith("optimizer state 'step'")  # the step count is the only 0-d entry
     if isinstance(value, torch.Tensor):
-        if value.ndim > 0 and value.shape != param.shape:
+        if scalar and (value.numel() != 1 or not (value >= 0).all()):
+            raise CheckpointError(f"checkpoint {source!r} is damaged: {what} is {value!r:.60}")
+        if not scalar and value.shape != param.shape:  # a 0-d exp_avg crashed the fused kernel
             raise CheckpointError(
                 f"checkpoint {source!r} does not fit this model: {what} has shape {list(value.shape)} but "
                 f"the parameter has {list(param.shape)}; nothing was loaded"
             )
-        if value.ndim > 0 and value.dtype != param.dtype:
+        if not scalar and value.dtype != param.dtype:
             raise CheckpointError(
                 f"checkpoint {source!r} is damaged: {what} is {value.dtype}, the parameter {param.dtype}"
             )
@@ -385,6 +399,14 @@ def check_against_live_states(saved: Mapping[str, Any], scheduler: Any, scaler: 
     entry fails only later, inside ``fit``; comparing with the live objects' own state finds it
     before anything is applied.
     """
+    if (scheduler is None) != (saved.get("scheduler") is None):
+        raise CheckpointError(
+            f"checkpoint {source!r} was saved "
+            + ("with" if scheduler is None else "without")
+            + " an LR scheduler, but this Trainer has "
+            + ("none" if scheduler is None else f"a {type(scheduler).__name__}")
+            + "; build the Trainer like the one that saved it, or its schedule would be lost"
+        )
     for name, live in (("scheduler", scheduler), ("scaler", scaler)):
         state = saved.get(name)
         if live is None or not state:
@@ -409,7 +431,11 @@ def _same_kind(expected: Any, found: Any) -> bool:
     if isinstance(expected, bool):
         return isinstance(found, bool)
     if isinstance(expected, numbers.Real):
-        return isinstance(found, numbers.Real) and not isinstance(found, bool) and math.isfinite(found)
+        return (
+            isinstance(found, numbers.Real)
+            and not isinstance(found, bool)
+            and (math.isfinite(found) or found == expected)  # ReduceLROnPlateau's mode_worse is inf
+        )
     if isinstance(expected, (list, tuple)):
         return isinstance(found, (list, tuple))
     if isinstance(expected, dict):

@@ -76,6 +76,11 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
             path and the space needed in the message).
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a folder, a FIFO, /dev/null: never replaced by a file
+        raise FileExistsError(
+            errno.EEXIST,
+            f"{str(path)!r} exists and is not a regular file; refusing to replace it with a checkpoint",
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -82,7 +82,8 @@ __all__ = [
 
 def default_cache_dir() -> Path:
     """``$VGGTRANSFER_CACHE``, else ``~/.cache/vggtransfer/features``."""
-    return Path(os.environ.get("VGGTRANSFER_CACHE", Path.home() / ".cache" / "vggtransfer")) / "features"
+    # An empty value means unset, not the working directory.
+    return Path(os.environ.get("VGGTRANSFER_CACHE") or Path.home() / ".cache" / "vggtransfer") / "features"
 
 
 def cache_limit_bytes() -> int:
@@ -111,7 +112,7 @@ def memory_budget(device: torch.device) -> int:
             gigabytes = float(raw)
         except ValueError:
             gigabytes = -1.0
-        if not gigabytes >= 0:  # also refuses NaN
+        if not gigabytes >= 0 or math.isinf(gigabytes):  # also refuses NaN
             raise ValueError(
                 f"VGGTRANSFER_CACHE_MEMORY_GB must be a number of gigabytes >= 0 (like 8, or 0 to keep "
                 f"every feature cache on disk) but is {raw!r}"

@@ -84,6 +84,8 @@ def to_batch(inputs: Any, transform: Callable[[Any], torch.Tensor]) -> torch.Ten
 def _one(item: Any, transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
+        if path.exists() and not path.is_file():  # a folder, or a FIFO whose read would never end
+            raise ValueError(f"predict: {str(path)!r} is not a regular file; give the path of an image file")
         try:
             with Image.open(path) as image:
                 return transform(image)

@@ -79,9 +79,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             f"full pickle loader, which can run arbitrary code ({first_line}). Re-save it as a "
             f"state dict: torch.save(model.state_dict(), path)"
         ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
+    except Exception as exc:  # a damaged or foreign file: the unpickler raises anything
         raise ValueError(
-            f"cannot read {str(path)!r} as a PyTorch file: {exc}. Expected a file written by "
+            f"cannot read {str(path)!r} as a PyTorch file: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}. Expected a file written by "
             f"torch.save(model.state_dict(), path); it may be truncated or of another format"
         ) from None
     return as_state_dict(loaded, source=str(path))
