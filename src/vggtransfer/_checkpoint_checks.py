@@ -187,27 +187,8 @@ def check_optimizer(
             f"but this Trainer's optimizer would have {sizes}; build the Trainer with the same "
             f"optimizer and freezing as the one that saved it"
         )
-    expected = set(optimizer.param_groups[0]) - {"params"} - _VERSION_FLAGS
     for group in groups:
-        missing = sorted(expected - set(group))
-        if missing:
-            raise CheckpointError(
-                f"checkpoint {source!r} holds the state of another kind of optimizer: its parameter "
-                f"groups lack {missing}, which this Trainer's {type(optimizer).__name__} needs; build the "
-                f"Trainer with the optimizer that saved it"
-            )
-        lr = group.get("lr")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-            raise CheckpointError(
-                f"checkpoint {source!r} is damaged: an optimizer group has learning rate {lr!r}"
-            )
-        live = optimizer.param_groups[0]
-        for key in sorted(expected):
-            if not _same_kind(live[key], group[key]) or (isinstance(group[key], float) and group[key] < 0):
-                raise CheckpointError(
-                    f"checkpoint {source!r} is damaged: its optimizer setting {key!r} is {group[key]!r:.60}, "
-                    f"where this {type(optimizer).__name__} has {live[key]!r:.60}"
-                )
+        _check_group(optimizer, group, source)
     keys = _state_keys(optimizer)
     by_index = {
         index: param
@@ -227,6 +208,30 @@ def check_optimizer(
             )
         for name, value in state.items():
             _check_state_value(value, param, f"optimizer state {name!r} of parameter {index}", source)
+
+
+def _check_group(optimizer: torch.optim.Optimizer, group: dict[str, Any], source: str) -> None:
+    """One saved parameter group has the settings, of the same kinds, as the live optimizer's."""
+    expected = set(optimizer.param_groups[0]) - {"params"} - _VERSION_FLAGS
+    missing = sorted(expected - set(group))
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {source!r} holds the state of another kind of optimizer: its parameter "
+            f"groups lack {missing}, which this Trainer's {type(optimizer).__name__} needs; build the "
+            f"Trainer with the optimizer that saved it"
+        )
+    lr = group.get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise CheckpointError(
+            f"checkpoint {source!r} is damaged: an optimizer group has learning rate {lr!r}"
+        )
+    live = optimizer.param_groups[0]
+    for key in sorted(expected):
+        if not _same_kind(live[key], group[key]) or (isinstance(group[key], float) and group[key] < 0):
+            raise CheckpointError(
+                f"checkpoint {source!r} is damaged: its optimizer setting {key!r} is {group[key]!r:.60}, "
+                f"where this {type(optimizer).__name__} has {live[key]!r:.60}"
+            )
 
 
 def _state_keys(optimizer: torch.optim.Optimizer) -> set[str] | None:
