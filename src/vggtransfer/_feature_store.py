@@ -302,14 +302,7 @@ def _entry_files(store: Path) -> list[Path]:
 
 
 def _delete_entry(store: Path) -> list[Path]:
-    gone = []
-    for path in _entry_files(store):
-        try:
-            path.unlink()
-            gone.append(path)
-        except FileNotFoundError:
-            pass
-    return gone
+    return _unlink(_entry_files(store))
 
 
 def _size(path: Path) -> int:
