@@ -44,15 +44,20 @@ def _integer(value: object) -> int | None:
     return None
 
 
-def check_positive_int(value: object, name: str, caller: str, *, limit: int = 2**31) -> int:
-    """``value`` as an int in ``[1, limit]`` (numpy integers accepted)."""
+def _at_least(value: object, minimum: int, expected: str, too_small: str) -> int:
+    """``value`` as an int >= ``minimum``; the messages start with ``expected`` / ``too_small``."""
     number = _integer(value)
     if number is None:
-        raise TypeError(
-            f"{caller}: expected {name} to be a positive int but got {value!r} ({type(value).__name__})"
-        )
-    if number < 1:
-        raise ValueError(f"{caller}: expected {name} to be a positive int (1 or more) but got {value!r}")
+        raise TypeError(f"{expected} but got {value!r} ({type(value).__name__})")
+    if number < minimum:
+        raise ValueError(f"{too_small} but got {value!r}")
+    return number
+
+
+def check_positive_int(value: object, name: str, caller: str, *, limit: int = 2**31) -> int:
+    """``value`` as an int in ``[1, limit]`` (numpy integers accepted)."""
+    expected = f"{caller}: expected {name} to be a positive int"
+    number = _at_least(value, 1, expected, f"{expected} (1 or more)")
     if number > limit:
         raise ValueError(f"{caller}: expected {name} to be at most {limit} but got {value!r}")
     return number
@@ -62,14 +67,12 @@ def check_workers(value: object, caller: str) -> int | None:
     """``num_workers``: None (one per usable core but one) or an int >= 0."""
     if value is None:
         return None
-    number = _integer(value)
-    if number is None:
-        raise TypeError(
-            f"{caller}: expected num_workers to be None (automatic) or an int >= 0 but got {value!r} "
-            f"({type(value).__name__})"
-        )
-    if number < 0:
-        raise ValueError(f"{caller}: expected num_workers to be None or an int >= 0 but got {value!r}")
+    number = _at_least(
+        value,
+        0,
+        f"{caller}: expected num_workers to be None (automatic) or an int >= 0",
+        f"{caller}: expected num_workers to be None or an int >= 0",
+    )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if number > max(64, 8 * cores):  # each is a process with a copy of the dataset: memory runs out first
         raise ValueError(
@@ -170,14 +173,8 @@ def check_optimizer_argument(value: object) -> None:
 
 def check_epochs(value: object) -> int:
     """``fit``'s ``epochs``: the total to reach, an int >= 0."""
-    number = _integer(value)
-    if number is None:
-        raise TypeError(
-            f"fit: expected epochs to be an int >= 0 (the total to reach) but got {value!r} ({type(value).__name__})"
-        )
-    if number < 0:
-        raise ValueError(f"fit: expected epochs to be an int >= 0 (the total to reach) but got {value!r}")
-    return number
+    expected = "fit: expected epochs to be an int >= 0 (the total to reach)"
+    return _at_least(value, 0, expected, expected)
 
 
 def check_optional_path(value: object, name: str, caller: str) -> Path | None:
