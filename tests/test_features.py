@@ -88,7 +88,10 @@ def test_auto_refuses_augmentation(pet_folders: Path) -> None:
     augmented = DogsVsCats(folder, transform=vt.imagenet_transform(train=True, size=32))
     t = trainer(class_names=None)
     t.fit(augmented, epochs=1, batch_size=3, num_workers=0)
-    assert t.cache_report["fit(train)"] == "off: the transform augments randomly (train=True)"
+    assert t.cache_report["fit(train)"] == (
+        "off: the transform augments randomly (train=True); pass cache_views=K to cache K augmented "
+        "views of every image"
+    )
     plain = augmented.with_transform(vt.imagenet_transform(size=32))
     t.fit(plain, epochs=2, batch_size=3, num_workers=0)
     assert t.cache_report["fit(train)"] == "on"
@@ -98,8 +101,8 @@ def test_auto_refuses_augmentation(pet_folders: Path) -> None:
     with pytest.raises(ValueError) as error:
         forced.fit(augmented, epochs=1, batch_size=3, num_workers=0)
     assert str(error.value) == (
-        "fit(train): cache_features=True, but the transform augments randomly (train=True); "
-        "caching would change the results"
+        "fit(train): cache_features=True, but the transform augments randomly (train=True); pass "
+        "cache_views=K to cache K augmented views of every image; caching would change the results"
     )
     assert forced.epoch == 0 and forced.cache_report == {}
 

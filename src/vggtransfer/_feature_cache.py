@@ -33,6 +33,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from ._arguments import check_positive_int
+from ._augmented_views import SeededView, view_key
 from ._distributed import gather_rows
 from ._feature_store import (
     FeatureSet,
@@ -47,11 +49,21 @@ from ._feature_store import (
 from ._freeze import held_in_eval
 from ._heads import locate_head
 from ._progress import Progress
+from ._rng import preserved_rng
 from ._runtime import Runtime
 from ._state_dict import fingerprint
 from ._transforms import ImageTransform
 
-__all__ = ["CacheMode", "FeatureCache", "Verdict", "backbone_key", "cache_key", "cacheability", "data_key"]
+__all__ = [
+    "CacheMode",
+    "FeatureCache",
+    "Verdict",
+    "augmentable",
+    "backbone_key",
+    "cache_key",
+    "cacheability",
+    "data_key",
+]
 
 CacheMode = bool | Literal["auto"]
 
@@ -120,12 +132,20 @@ def _transform_verdict(data: Any) -> Verdict:
         return Verdict(
             "unknown", f"cannot tell whether {type(root).__name__} returns the same tensors every epoch"
         )
-    if isinstance(transform, ImageTransform):
-        # vggtransfer's own transform knows whether it is random: never trusted against that.
-        return (
-            Verdict("fixed")
-            if transform.deterministic
-            else Verdict("varies", "the transform augments randomly (train=True)")
+    # vggtransfer's own transform knows whether it is random, and is never trusted against that;
+    # any other transform may declare it with a boolean `deterministic` attribute.
+    declared = getattr(transform, "deterministic", None)
+    if isinstance(declared, bool):
+        if declared:
+            return Verdict("fixed")
+        why = (
+            "augments randomly (train=True)"
+            if isinstance(transform, ImageTransform)
+            else "declares itself random"
+        )
+        return Verdict(
+            "varies",
+            f"the transform {why}; pass cache_views=K to cache K augmented views of every image",
         )
     return Verdict(
         "unknown",
@@ -142,6 +162,15 @@ def cacheability(model: nn.Module, data: Any) -> Verdict:
         )
     backbone = _backbone_verdict(model)
     return backbone if backbone.kind != "fixed" else _transform_verdict(data)
+
+
+def augmentable(model: nn.Module, data: Any) -> bool:
+    """Whether ``cache_views`` applies: a frozen backbone, and a Dataset whose transform may be random."""
+    return (
+        not isinstance(data, DataLoader)
+        and _backbone_verdict(model).kind == "fixed"
+        and _transform_verdict(data).kind != "fixed"
+    )
 
 
 def data_key(data: Any) -> str | None:
@@ -197,16 +226,27 @@ class FeatureCache:
         folder: Where sets past the memory budget are stored; ``None`` for the default
             (``$VGGTRANSFER_CACHE`` or ``~/.cache/vggtransfer/features``).
         compile_network: Run the feature pass through ``torch.compile`` with inductor freezing.
+        views: Cache this many augmented views of training data whose transform is random.
 
     Attributes:
         report: For each role (``"fit(train)"``, ``"fit(val)"``, ``"evaluate"``), ``"on"``,
             ``"on (reused)"``, ``"on (from disk)"`` or ``"off: <reason>"``.
     """
 
-    def __init__(self, mode: CacheMode, folder: Path | None, compile_network: bool) -> None:
+    def __init__(
+        self, mode: CacheMode, folder: Path | None, compile_network: bool, views: int | None = None
+    ) -> None:
         if mode not in ("auto", True, False) or not isinstance(mode, (bool, str)):
             raise ValueError(f"Trainer: expected cache_features to be 'auto', True or False but got {mode!r}")
+        if views is not None:
+            views = check_positive_int(views, "cache_views", "Trainer", limit=1000)
+            if mode is False:
+                raise ValueError(
+                    f"Trainer: cache_views={views} caches augmented views of the features, but "
+                    f"cache_features=False turns caching off; drop one of the two"
+                )
         self.mode = mode
+        self.views = views
         self.folder = folder
         self.compile_network = compile_network
         self.report: dict[str, str] = {}
@@ -221,10 +261,12 @@ class FeatureCache:
         *,
         what: str,
         runtime: Runtime,
-        loader: Callable[[], DataLoader[Any]],
+        loader: Callable[[Dataset[Any]], DataLoader[Any]],
         progress: Progress,
         compute: bool = True,
-    ) -> FeatureSet | None:
+        seed: int = 0,
+        views: int | None = None,
+    ) -> list[FeatureSet] | None:
         """The cached head inputs of ``data``, computed now if needed and allowed; None when off.
 
         Args:
@@ -232,9 +274,14 @@ class FeatureCache:
             data: What the user passed.
             what: The role, for the report and errors.
             runtime: Device, precision and processes of the pass.
-            loader: Makes an unshuffled loader over this process's share of ``data``.
+            loader: Makes an unshuffled loader over this process's share of a dataset.
             progress: Shows the feature pass.
             compute: Whether a missing cache may be computed (``evaluate`` only reuses).
+            seed: The run's seed, from which augmented views draw their randomness.
+            views: Cache this many augmented views when the transform is random (training only).
+
+        Returns:
+            One feature set, or one per augmented view; None when caching is off.
 
         Raises:
             ValueError: ``cache_features=True`` for data or a model whose features vary.
@@ -243,6 +290,8 @@ class FeatureCache:
             self.report[what] = "off: cache_features=False"
             return None
         verdict = cacheability(model, data)
+        if views is not None and verdict.kind != "fixed" and augmentable(model, data):
+            return self._views(model, data, views, seed, what, runtime, loader, progress)  # type: ignore[arg-type]
         if verdict.kind == "varies" and self.mode is True:
             if isinstance(data, DataLoader):
                 raise ValueError(
@@ -256,22 +305,83 @@ class FeatureCache:
             self.report[what] = f"off: {verdict.reason}"
             return None
         assert not isinstance(data, DataLoader)  # a DataLoader always "varies"
-        key = cache_key(model, data, runtime.precision.name)
+        stored, how = self._one_set(
+            model,
+            data,
+            cache_key(model, data, runtime.precision.name),
+            what,
+            runtime,
+            loader,
+            progress,
+            compute,
+        )
+        if stored is None:
+            self.report[what] = "off: features not cached by fit"
+            return None
+        self.report[what] = {"computed": "on", "reused": "on (reused)", "from disk": "on (from disk)"}[how]
+        if views is not None:
+            self.report[what] += f"; cache_views={views} unused, the transform is deterministic"
+        return [stored]
+
+    def _views(
+        self,
+        model: nn.Module,
+        data: Dataset[Any],
+        views: int,
+        seed: int,
+        what: str,
+        runtime: Runtime,
+        loader: Callable[[Dataset[Any]], DataLoader[Any]],
+        progress: Progress,
+    ) -> list[FeatureSet]:
+        """``views`` feature passes over ``data``, each through its own seeded augmentation."""
+        base = cache_key(model, data, runtime.precision.name)
+        sets, hows = [], set()
+        # The views' per-sample seeding moves the global generators of the main process (with
+        # num_workers=0); the run's own random stream must not depend on whether views were cached.
+        with preserved_rng():
+            for view in range(views):
+                key = None if base is None else view_key(base, seed, views, view)
+                stored, how = self._one_set(
+                    model, SeededView(data, seed, view), key, f"{what} (view {view + 1} of {views})",
+                    runtime, loader, progress, compute=True,
+                )  # fmt: skip
+                assert stored is not None  # compute=True always gives a set
+                sets.append(stored)
+                hows.add(how)
+        if any(not torch.equal(s.targets.cpu(), sets[0].targets.cpu()) for s in sets[1:]):
+            raise ValueError(
+                f"{what}: the labels differ between augmented views of the same data; the dataset "
+                f"must return the same label for a sample every time it is read"
+            )
+        reuse = f", {hows.pop()}" if len(hows) == 1 and "computed" not in hows else ""
+        self.report[what] = f"on ({views} augmented views{reuse})"
+        return sets
+
+    def _one_set(
+        self,
+        model: nn.Module,
+        data: Dataset[Any],
+        key: str | None,
+        what: str,
+        runtime: Runtime,
+        loader: Callable[[Dataset[Any]], DataLoader[Any]],
+        progress: Progress,
+        compute: bool,
+    ) -> tuple[FeatureSet | None, str]:
+        """The set stored under ``key``: from memory, from disk, or computed (when ``compute``)."""
         if key is not None and key in self.sets:
-            self.report[what] = "on (reused)"
-            return self.sets[key]
+            return self.sets[key], "reused"
         folder = self.folder or default_cache_dir()
         stored = open_features(folder / f"{key}.bin") if key is not None else None
-        report = "on (from disk)" if stored is not None else "on"
+        how = "from disk" if stored is not None else "computed"
         if stored is None:
             if not compute:
-                self.report[what] = "off: features not cached by fit"
-                return None
-            stored = self._compute(model, data, key, folder, what, runtime, loader(), progress)
+                return None, how
+            stored = self._compute(model, data, key, folder, what, runtime, loader(data), progress)
         if key is not None:
             self.sets[key] = stored
-        self.report[what] = report
-        return stored
+        return stored, how
 
     def _compute(
         self,

@@ -14,7 +14,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-__all__ = ["capture_rng", "epoch_rng", "restore_rng"]
+__all__ = ["capture_rng", "epoch_rng", "preserved_rng", "restore_rng"]
 
 
 def capture_rng() -> dict[str, Any]:
@@ -71,3 +71,13 @@ def epoch_rng(seed: int, epoch: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices, device_type=device.type if device.type != "cpu" else "cuda"):
         torch.manual_seed(epoch_seed(seed, epoch))
         yield
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block, then put every generator :func:`capture_rng` knows back as it was."""
+    state = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(state)

@@ -24,11 +24,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ._arguments import check_positive_int, check_workers
+from ._augmented_views import view_batches, view_choice
 from ._batch import check_known_labels, check_targets, collate_checked
 from ._feature_cache import FeatureCache
 from ._feature_store import FeatureSet
 from ._heads import known_output_count, locate_head
 from ._progress import Progress
+from ._rng import preserved_rng
 from ._runtime import Runtime, unwrap
 
 __all__ = [
@@ -171,9 +173,13 @@ class LoaderSource:
 
 @dataclass
 class CachedSource:
-    """Batches of cached head inputs, fed through the head alone."""
+    """Batches of cached head inputs, fed through the head alone.
 
-    features: FeatureSet
+    With several augmented views (``Trainer(cache_views=K)``), each sample's row comes from the
+    view :func:`view_choice` picks for it in that epoch.
+    """
+
+    views: list[FeatureSet]
     forward: Callable[[torch.Tensor], torch.Tensor]
     batch_size: int
     shuffle: bool
@@ -184,18 +190,22 @@ class CachedSource:
 
     def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of ``epoch``, in the order :class:`EpochShuffle` gives the images."""
+        size = len(self.views[0])
         if self.shuffle:
-            sampler = EpochShuffle(len(self.features), self.seed, self.rank, self.world)
+            sampler = EpochShuffle(size, self.seed, self.rank, self.world)
             sampler.set_epoch(epoch)
             order: list[int] | None = list(sampler)
         else:
-            order = shard(len(self.features), self.rank, self.world) if self.world > 1 else None
-        return self.features.batches(order, self.batch_size, self.device)
+            order = shard(size, self.rank, self.world) if self.world > 1 else None
+        if len(self.views) == 1:
+            return self.views[0].batches(order, self.batch_size, self.device)
+        choice = view_choice(self.seed, epoch, size, len(self.views))
+        return view_batches(self.views, choice, order, self.batch_size, self.device)
 
     @property
     def steps(self) -> int:
         """Batches per epoch (of this process)."""
-        per_process = math.ceil(len(self.features) / self.world)
+        per_process = math.ceil(len(self.views[0]) / self.world)
         return math.ceil(per_process / self.batch_size)
 
 
@@ -226,7 +236,9 @@ def check_data(data: object, what: str, world_size: int, *, class_labels: bool =
         )
     if len(data) == 0:
         raise ValueError(f"{what}: the dataset is empty; expected at least one (image, label) sample")
-    _check_sample(data[0], what, class_labels)
+    with preserved_rng():  # reading a sample through a random transform draws random numbers
+        first = data[0]
+    _check_sample(first, what, class_labels)
 
 
 def _check_sample(sample: Any, what: str, class_labels: bool) -> None:
@@ -313,9 +325,9 @@ def batch_source(
     if check_labels is not None:
         check_known_labels(data, check_labels)
 
-    def loader(shuffled: bool) -> DataLoader[Any]:
+    def loader(dataset: Any, shuffled: bool) -> DataLoader[Any]:
         return make_loader(
-            data,  # type: ignore[arg-type]
+            dataset,
             batch_size=batch_size,
             shuffle=shuffled,
             num_workers=num_workers,
@@ -332,18 +344,20 @@ def batch_source(
         data,
         what=what,
         runtime=runtime,
-        loader=lambda: loader(False),
+        loader=lambda dataset: loader(dataset, False),
         progress=progress,
         compute=compute_cache,
+        seed=seed,
+        views=cache.views if shuffle else None,  # augmented views are for training alone
     )
     if features is not None:
         if check_labels is not None:
-            check_labels(features.targets)  # all of them, once
+            check_labels(features[0].targets)  # all of them, once (every view has the same)
         head = runtime.wrap(locate_head(network, "Trainer").module, training=shuffle)
         return CachedSource(
             features, head, batch_size, shuffle, seed, runtime.device, runtime.rank, runtime.world_size
         )
-    images = data if isinstance(data, DataLoader) else loader(shuffle)
+    images = data if isinstance(data, DataLoader) else loader(data, shuffle)
     return LoaderSource(images, runtime.wrap(model, training=shuffle), seed, check_labels)
 
 

@@ -71,31 +71,24 @@ class Trainer:
         seed: Seeds shuffling and dropout; a random one is drawn (and checkpointed) when None.
         progress: Show a progress bar (tqdm, on a terminal) or one line per epoch.
         cache_features: Compute the frozen backbone's output once and train the head on it
-            every epoch (about 10x faster for VGG16 with frozen features). ``"auto"`` does so
-            only when the result is the same as without caching: the part before the head is
-            frozen with BatchNorm and dropout frozen, the data is a Dataset, and its transform
-            is deterministic (an :func:`imagenet_transform` with ``train=False``, or tensors).
-            ``True`` also trusts transforms it cannot inspect to be deterministic, and raises
-            where caching would change results (a trainable backbone, an
-            :func:`imagenet_transform` with ``train=True``); ``False`` never caches. What was
-            decided for each data set is in :attr:`cache_report`.
-        cache_dir: Where features too large for memory are kept as memory-mapped files, reused
-            by later runs with the same weights, transform and data; default
-            ``$VGGTRANSFER_CACHE`` or ``~/.cache/vggtransfer/features``. The memory budget
-            is ``$VGGTRANSFER_CACHE_MEMORY_GB`` (0 = always on disk), the folder's size limit
-            ``$VGGTRANSFER_CACHE_LIMIT_GB`` (default 50; least recently used caches go first).
+            every epoch (about 10x faster for frozen VGG16). ``"auto"`` does so only where that
+            changes no result (frozen backbone, a Dataset, a deterministic transform); ``True``
+            also trusts opaque transforms, and raises where caching would change results;
+            ``False`` never caches. :attr:`cache_report` says what was decided, and why.
+        cache_views: For a random training transform (``imagenet_transform(train=True)``, or
+            any with ``deterministic = False``): compute the features of this many augmented
+            views of every training image once, and train each epoch on one view per image,
+            chosen from the seed. Off by default: a random transform then turns caching off.
+        cache_dir: Where features past the memory budget are kept as memory-mapped files, for
+            later runs with the same weights, transform and data; default ``$VGGTRANSFER_CACHE``
+            or ``~/.cache/vggtransfer/features`` (budgets and limits: docs/trainer.md).
         channels_last: Keep convolution weights and input batches in channels-last (NHWC)
             layout, the fast one for GPU tensor cores; ``"auto"`` turns it on for CUDA.
-        compile_features: Run the one-time feature pass of feature caching through
-            ``torch.compile`` with inductor freezing, which folds the frozen BatchNorm layers
-            into the convolutions. Compiling takes tens of seconds, so it pays off on large data
-            sets; it is redone whenever the frozen weights change.
-        compile_model: Run the training and evaluation steps (forward and backward) through
-            ``torch.compile``: the model's when training on images, the head's when training
-            on cached features. Meant for GPUs; on CPUs compiling costs more than it saves.
-            The first step of a fit compiles (about a minute for VGG16), and again after
-            :meth:`unfreeze_features`. Dropout draws the same random numbers as without
-            compiling, so results agree with an uncompiled run within float tolerance.
+        compile_features: Run the feature pass through ``torch.compile`` with inductor
+            freezing (frozen BatchNorm folded into the convolutions); pays off on large data.
+        compile_model: Run the training and evaluation steps through ``torch.compile`` (the
+            head's alone on cached features). Meant for GPUs: the first step compiles (about a
+            minute for VGG16); results agree with an uncompiled run within float tolerance.
 
     Example:
         >>> import torch, vggtransfer as vt
@@ -124,6 +117,7 @@ class Trainer:
         progress: bool = True,
         cache_features: CacheMode = "auto",
         cache_dir: str | os.PathLike[str] | None = None,
+        cache_views: int | None = None,
         channels_last: bool | Literal["auto"] = "auto",
         compile_features: bool = False,
         compile_model: bool = False,
@@ -134,7 +128,10 @@ class Trainer:
             class_names=class_names, transform=transform, seed=seed,
         )  # fmt: skip
         self._cache = FeatureCache(
-            cache_features, check_optional_path(cache_dir, "cache_dir", "Trainer"), compile_features
+            cache_features,
+            check_optional_path(cache_dir, "cache_dir", "Trainer"),
+            compile_features,
+            cache_views,
         )
         self.runtime = Runtime.start(
             device=device, precision=precision, channels_last=channels_last, compile_model=compile_model
@@ -441,6 +438,7 @@ class Trainer:
                     "lr": self.lr,
                     "precision": self.precision.name,
                     "unfreeze_lr": self.unfreeze_lr,
+                    "cache_views": self._cache.views,
                     "history": self.history.to_dict(),
                 },
             },
@@ -480,6 +478,7 @@ class Trainer:
             scaler=self.scaler,
             class_names=self.class_names,
             unfrozen=self.unfreeze_lr is not None,
+            cache_views=self._cache.views,
         )
         # Everything checked: apply.
         if point.unfreeze_lr is not None:
