@@ -270,6 +270,7 @@ def test_evaluate_uses_cached_features_only_when_present() -> None:
     assert plain.evaluate(val, batch_size=8, num_workers=0)["loss"] == pytest.approx(cached["loss"], rel=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:Trainer. precision=.bf16. on a CPU without native")
 def test_bf16_autocast_agrees_with_fp32() -> None:
     model = toy()
     images = blobs(8).tensors[0]

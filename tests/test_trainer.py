@@ -106,6 +106,7 @@ def test_auto_device_and_precision_on_cpu() -> None:
     assert t.device.type in ("cpu", "mps") and t.precision.name == "fp32"
 
 
+@pytest.mark.filterwarnings("ignore:Trainer. precision=.bf16. on a CPU without native")
 def test_bf16_autocast_trains_on_cpu() -> None:
     t = trainer(precision="bf16")
     history = t.fit(blobs(), epochs=2, batch_size=16, num_workers=0)
