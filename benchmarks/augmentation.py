@@ -72,7 +72,9 @@ def run(args: argparse.Namespace, variant: str, data: DogsVsCats, cache: Path) -
         cache_views=args.views if variant == "views" else None,
     )
     started = time.perf_counter()
-    history = trainer.fit(train, val, epochs=args.epochs, batch_size=args.batch_size, num_workers=args.workers)
+    history = trainer.fit(
+        train, val, epochs=args.epochs, batch_size=args.batch_size, num_workers=args.workers
+    )
     wall = time.perf_counter() - started
     return {
         "variant": variant,
@@ -108,7 +110,9 @@ def main() -> int:
         "results": results,
     }
     if {"uncached", "views"} <= set(by_name):
-        summary["views_over_uncached_time"] = round(by_name["views"]["wall_s"] / by_name["uncached"]["wall_s"], 3)
+        summary["views_over_uncached_time"] = round(
+            by_name["views"]["wall_s"] / by_name["uncached"]["wall_s"], 3
+        )
         summary["accuracy_difference_points"] = round(
             100 * (by_name["views"]["val_accuracy"] - by_name["uncached"]["val_accuracy"]), 2
         )
