@@ -224,6 +224,7 @@ class FeatureCache:
         loader: Callable[[], DataLoader[Any]],
         progress: Progress,
         compute: bool = True,
+        refuse: str | None = None,
     ) -> FeatureSet | None:
         """The cached head inputs of ``data``, computed now if needed and allowed; None when off.
 
@@ -235,12 +236,17 @@ class FeatureCache:
             loader: Makes an unshuffled loader over this process's share of ``data``.
             progress: Shows the feature pass.
             compute: Whether a missing cache may be computed (``evaluate`` only reuses).
+            refuse: Why the caller cannot use cached features at all (``evaluate(tta=True)``
+                needs the images): reported, and nothing is computed or reused.
 
         Raises:
             ValueError: ``cache_features=True`` for data or a model whose features vary.
         """
         if self.mode is False:
             self.report[what] = "off: cache_features=False"
+            return None
+        if refuse is not None:
+            self.report[what] = f"off: {refuse}"
             return None
         verdict = cacheability(model, data)
         if verdict.kind == "varies" and self.mode is True:

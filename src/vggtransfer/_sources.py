@@ -30,6 +30,7 @@ from ._feature_store import FeatureSet
 from ._heads import known_output_count, locate_head
 from ._progress import Progress
 from ._runtime import Runtime, unwrap
+from ._tta import TTA_CACHE_OFF, flip_average
 
 __all__ = [
     "BatchSource",
@@ -276,6 +277,7 @@ def batch_source(
     progress: Progress,
     compute_cache: bool = True,
     class_labels: bool = True,
+    tta: bool = False,
 ) -> BatchSource:
     """The batches of ``data`` for one role: from cached features when that gives the same result.
 
@@ -294,6 +296,8 @@ def batch_source(
         compute_cache: Whether a missing cache may be computed now.
         class_labels: Labels are class indices (the loss is cross-entropy): check that they
             are integers in ``[0, outputs)``. Other losses get their labels unchecked.
+        tta: Feed each batch and its horizontal flip through the model and return the log of
+            the mean softmax (see ``_tta``); always from the images, never cached features.
 
     Raises:
         TypeError, ValueError: see :func:`check_data`; ``cache_features=True`` for data whose
@@ -335,6 +339,7 @@ def batch_source(
         loader=lambda: loader(False),
         progress=progress,
         compute=compute_cache,
+        refuse=TTA_CACHE_OFF if tta else None,
     )
     if features is not None:
         if check_labels is not None:
@@ -344,7 +349,8 @@ def batch_source(
             features, head, batch_size, shuffle, seed, runtime.device, runtime.rank, runtime.world_size
         )
     images = data if isinstance(data, DataLoader) else loader(shuffle)
-    return LoaderSource(images, runtime.wrap(model, training=shuffle), seed, check_labels)
+    forward = runtime.wrap(model, training=shuffle)
+    return LoaderSource(images, flip_average(forward) if tta else forward, seed, check_labels)
 
 
 def class_names_of(data: Data, current: list[str] | None, outputs: int | None) -> list[str] | None:
