@@ -184,3 +184,18 @@ def test_tta_keeps_a_confident_mistake_finite() -> None:
     report = t.evaluate(data, num_workers=0, tta=True)
     assert report["loss"] == pytest.approx(200.0, rel=1e-6)  # -log(e^-200), computed from logs
     assert report["accuracy"] == 0.0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_tta_on_cuda_with_autocast_and_channels_last_agrees_with_the_cpu() -> None:
+    gpu = trainer(device="cuda", channels_last=True, cache_features=False)
+    cpu = trainer(cache_features=False)
+    data = blobs(12, seed=5)
+    on_gpu = gpu.evaluate(data, batch_size=5, num_workers=0, tta=True)
+    on_cpu = cpu.evaluate(data, batch_size=5, num_workers=0, tta=True)
+    assert on_gpu["loss"] == pytest.approx(on_cpu["loss"], rel=5e-2) and on_gpu["count"] == 12
+    images = data.tensors[0]
+    assert torch.allclose(
+        _probabilities(gpu.predict(images, tta=True)), _mean_softmax(cpu.model, images), atol=2e-2
+    )
