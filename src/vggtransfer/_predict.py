@@ -14,7 +14,7 @@ from torch import nn
 
 from ._arguments import check_positive_int
 from ._runtime import Runtime, eval_mode
-from ._tta import check_tta, flip_average
+from ._tta import check_tta, with_tta
 
 __all__ = ["PredictInput", "Prediction", "as_items", "is_single", "names_for", "predict", "to_batch"]
 
@@ -139,7 +139,7 @@ def predict(
         FileNotFoundError: a path does not exist.
     """
     batch_size = check_positive_int(batch_size, "batch_size", "predict")
-    forward = flip_average(model) if check_tta(tta, "predict") else model
+    forward = with_tta(model, check_tta(tta, "predict"))
     single = is_single(inputs)
     chunks: list[Any]
     if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:

@@ -30,7 +30,7 @@ from ._feature_store import FeatureSet
 from ._heads import known_output_count, locate_head
 from ._progress import Progress
 from ._runtime import Runtime, unwrap
-from ._tta import TTA_CACHE_OFF, flip_average
+from ._tta import TTA_CACHE_OFF, with_tta
 
 __all__ = [
     "BatchSource",
@@ -349,8 +349,7 @@ def batch_source(
             features, head, batch_size, shuffle, seed, runtime.device, runtime.rank, runtime.world_size
         )
     images = data if isinstance(data, DataLoader) else loader(shuffle)
-    forward = runtime.wrap(model, training=shuffle)
-    return LoaderSource(images, flip_average(forward) if tta else forward, seed, check_labels)
+    return LoaderSource(images, with_tta(runtime.wrap(model, training=shuffle), tta), seed, check_labels)
 
 
 def class_names_of(data: Data, current: list[str] | None, outputs: int | None) -> list[str] | None:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["TTA_CACHE_OFF", "check_tta", "flip_average"]
+__all__ = ["TTA_CACHE_OFF", "check_tta", "flip_average", "with_tta"]
 
 #: Why ``evaluate(tta=True)`` runs on the images, for :attr:`Trainer.cache_report`.
 TTA_CACHE_OFF = "tta=True needs each image flipped, which cached features do not hold"
@@ -72,3 +72,10 @@ def flip_average(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[t
         return torch.logaddexp(original, flipped) - math.log(2.0)
 
     return averaged
+
+
+def with_tta(
+    forward: Callable[[torch.Tensor], torch.Tensor], tta: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``forward`` as it is, or with ``tta`` its :func:`flip_average`."""
+    return flip_average(forward) if tta else forward
