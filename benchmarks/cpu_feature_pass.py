@@ -37,6 +37,7 @@ PETS = Path(__file__).resolve().parents[2] / "shared" / "data" / "oxford-pets-sa
 # VGG16_bn's forward cost at 224 px from torchvision's metadata (GFLOPS counts multiply-adds).
 VGG16_BN_FLOPS_224 = 2 * 15.47e9
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,6 +45,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", default=[112, 224])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed batches per size and dtype")
+    parser.add_argument(
+        "--matmul-seconds", type=float, default=2.0, help="how long each matmul rate is timed"
+    )
     parser.add_argument("--weights", default=None, help="a local VGG16_bn weights file")
     parser.add_argument("--data", type=Path, default=PETS, help="photos for the agreement check")
     parser.add_argument("--out", type=Path, default=Path("cpu_feature_pass.json"))
@@ -136,7 +140,7 @@ def main() -> int:
     args = parse_args()
     flags = cpu_flags()
     model = backbone(args.weights)
-    rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
+    rates = {name: matmul_rate(dtype, seconds=args.matmul_seconds) for name, dtype in DTYPES.items()}
     results: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

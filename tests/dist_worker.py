@@ -71,6 +71,7 @@ def run(out: Path, cache: str, epochs: int, batch: int, resume: str | None) -> N
         checkpoint_dir=out / "checkpoints",
     )
     report = trainer.evaluate(blobs(12, seed=7), batch_size=batch, num_workers=0)
+    averaged = trainer.evaluate(blobs(12, seed=7), batch_size=batch, num_workers=0, tta=True)
     if vt.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         torch.save(trainer.network.state_dict(), out / "final.pt")
@@ -79,6 +80,7 @@ def run(out: Path, cache: str, epochs: int, batch: int, resume: str | None) -> N
                 {
                     "history": trainer.history.to_dict(),
                     "evaluate": report,
+                    "evaluate_tta": averaged,
                     "cache": trainer.cache_report,
                     "world": trainer.world_size,
                 }

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import photos
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,3 +61,31 @@ def test_end_to_end_script_times_every_phase_from_files_to_checkpoint(tmp_path: 
     assert data["total_s"] == pytest.approx(sum(data[p] for p in phases))
     assert data["files"] == 24 and data["cached"] == "on"
     assert "| **files on disk to saved checkpoint** |" in result.stdout
+
+
+@pytest.mark.slow
+def test_augmentation_script_compares_uncached_views_and_none(tmp_path: Path) -> None:
+    photos.class_folders(tmp_path / "pets", {"cats": 5, "dogs": 5})
+    out = tmp_path / "aug.json"
+    args = ["--data", str(tmp_path / "pets"), "--arch", "vgg11", "--size", "32", "--epochs", "2"]
+    result = _run("augmentation.py", [*args, "--batch-size", "4", "--workers", "0", "--out", str(out)])
+    data = json.loads(out.read_text())
+    caches = {r["variant"]: r["cache"] for r in data["results"]}
+    assert caches["uncached"].startswith("off: the transform augments randomly")
+    assert caches["views"] == "on (2 augmented views)"
+    assert caches["no-augmentation"] == "on"
+    assert data["views_over_uncached_time"] > 0
+    assert "| views |" in result.stdout
+
+
+@pytest.mark.slow
+def test_cpu_feature_pass_script_reports_both_dtypes_and_the_matmul_share(tmp_path: Path) -> None:
+    photos.class_folders(tmp_path / "pets", {"cats": 3, "dogs": 3})
+    out = tmp_path / "cpu.json"
+    args = ["--sizes", "32", "--batch-size", "2", "--repeats", "1", "--matmul-seconds", "0.1"]
+    _run("cpu_feature_pass.py", [*args, "--data", str(tmp_path / "pets"), "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert [row["dtype"] for row in data["feature_pass"]] == ["fp32", "bf16"]
+    assert all(row["share_of_matmul_rate"] > 0 for row in data["feature_pass"])
+    assert 0 <= data["agreement"]["prediction_agreement"] <= 1
+    assert isinstance(data["native_bf16"], list)

@@ -68,6 +68,12 @@ def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(
         assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
         assert ours["val_accuracy"] == pytest.approx(theirs["val_accuracy"])
     assert result["evaluate"]["count"] == 12
+    # test-time augmentation: each process its share of the images, summed as without it
+    averaged = single.evaluate(blobs(12, seed=7), batch_size=8, num_workers=0, tta=True)
+    assert result["evaluate_tta"]["count"] == 12
+    assert result["evaluate_tta"]["loss"] == pytest.approx(averaged["loss"], rel=1e-4)
+    assert result["evaluate_tta"]["confusion_matrix"] == averaged["confusion_matrix"]
+    assert result["evaluate_tta"]["loss"] != pytest.approx(result["evaluate"]["loss"], rel=1e-4)
     # rank 0 alone wrote the checkpoints, once each, completely
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
 

@@ -266,6 +266,7 @@ class FeatureCache:
         compute: bool = True,
         seed: int = 0,
         views: int | None = None,
+        refuse: str | None = None,
     ) -> list[FeatureSet] | None:
         """The cached head inputs of ``data``, computed now if needed and allowed; None when off.
 
@@ -279,6 +280,8 @@ class FeatureCache:
             compute: Whether a missing cache may be computed (``evaluate`` only reuses).
             seed: The run's seed, from which augmented views draw their randomness.
             views: Cache this many augmented views when the transform is random (training only).
+            refuse: Why the caller cannot use cached features at all (``evaluate(tta=True)``
+                needs the images): reported, and nothing is computed or reused.
 
         Returns:
             One feature set, or one per augmented view; None when caching is off.
@@ -288,6 +291,9 @@ class FeatureCache:
         """
         if self.mode is False:
             self.report[what] = "off: cache_features=False"
+            return None
+        if refuse is not None:
+            self.report[what] = f"off: {refuse}"
             return None
         verdict = cacheability(model, data)
         if views is not None and verdict.kind != "fixed" and augmentable(model, data):

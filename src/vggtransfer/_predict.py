@@ -14,6 +14,7 @@ from torch import nn
 
 from ._arguments import check_positive_int
 from ._runtime import Runtime, eval_mode
+from ._tta import check_tta, with_tta
 
 __all__ = ["PredictInput", "Prediction", "as_items", "is_single", "names_for", "predict", "to_batch"]
 
@@ -124,18 +125,21 @@ def predict(
     class_names: Sequence[str] | None,
     runtime: Runtime,
     batch_size: int,
+    tta: bool = False,
 ) -> Prediction | list[Prediction]:
     """Classify ``inputs`` in batches of ``batch_size``, in eval mode without gradients.
 
-    The model's mode is restored afterwards. Returns one :class:`Prediction` for one input,
-    a list for a list or a batch tensor.
+    The model's mode is restored afterwards. With ``tta``, the probabilities are the mean of
+    the softmaxes of each preprocessed image and of its horizontal flip. Returns one
+    :class:`Prediction` for one input, a list for a list or a batch tensor.
 
     Raises:
-        TypeError: an input of an unknown kind.
+        TypeError: an input of an unknown kind, or ``tta`` not a bool.
         ValueError: ``batch_size`` is not a positive int, or a file is not an image.
         FileNotFoundError: a path does not exist.
     """
     batch_size = check_positive_int(batch_size, "batch_size", "predict")
+    forward = with_tta(model, check_tta(tta, "predict"))
     single = is_single(inputs)
     chunks: list[Any]
     if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
@@ -148,7 +152,7 @@ def predict(
         for chunk in chunks:
             batch = to_batch(chunk, transform).to(runtime.device)
             with runtime.autocast():
-                logits = model(batch)
+                logits = forward(batch)
             probabilities = logits.float().softmax(dim=1).cpu()
             names = names_for(class_names, probabilities.shape[1])
             for row in probabilities:

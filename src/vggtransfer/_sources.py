@@ -32,6 +32,7 @@ from ._heads import known_output_count, locate_head
 from ._progress import Progress
 from ._rng import preserved_rng
 from ._runtime import Runtime, unwrap
+from ._tta import TTA_CACHE_OFF, with_tta
 
 __all__ = [
     "BatchSource",
@@ -288,6 +289,7 @@ def batch_source(
     progress: Progress,
     compute_cache: bool = True,
     class_labels: bool = True,
+    tta: bool = False,
 ) -> BatchSource:
     """The batches of ``data`` for one role: from cached features when that gives the same result.
 
@@ -306,6 +308,8 @@ def batch_source(
         compute_cache: Whether a missing cache may be computed now.
         class_labels: Labels are class indices (the loss is cross-entropy): check that they
             are integers in ``[0, outputs)``. Other losses get their labels unchecked.
+        tta: Feed each batch and its horizontal flip through the model and return the log of
+            the mean softmax (see ``_tta``); always from the images, never cached features.
 
     Raises:
         TypeError, ValueError: see :func:`check_data`; ``cache_features=True`` for data whose
@@ -325,30 +329,21 @@ def batch_source(
     if check_labels is not None:
         check_known_labels(data, check_labels)
 
-    def loader(dataset: Any, shuffled: bool) -> DataLoader[Any]:
-        return make_loader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffled,
-            num_workers=num_workers,
-            seed=seed,
-            pin_memory=runtime.pin_memory,
-            rank=runtime.rank,
-            world=runtime.world_size,
-            what=what,
-            class_labels=class_labels,
-        )
-
+    loader = functools.partial(
+        make_loader, batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=runtime.pin_memory,
+        rank=runtime.rank, world=runtime.world_size, what=what, class_labels=class_labels,
+    )  # fmt: skip
     features = cache.features(
         network,
         data,
         what=what,
         runtime=runtime,
-        loader=lambda dataset: loader(dataset, False),
+        loader=functools.partial(loader, shuffle=False),
         progress=progress,
         compute=compute_cache,
         seed=seed,
         views=cache.views if shuffle else None,  # augmented views are for training alone
+        refuse=TTA_CACHE_OFF if tta else None,
     )
     if features is not None:
         if check_labels is not None:
@@ -357,8 +352,8 @@ def batch_source(
         return CachedSource(
             features, head, batch_size, shuffle, seed, runtime.device, runtime.rank, runtime.world_size
         )
-    images = data if isinstance(data, DataLoader) else loader(data, shuffle)
-    return LoaderSource(images, runtime.wrap(model, training=shuffle), seed, check_labels)
+    images = data if isinstance(data, DataLoader) else loader(data, shuffle=shuffle)
+    return LoaderSource(images, with_tta(runtime.wrap(model, training=shuffle), tta), seed, check_labels)
 
 
 def class_names_of(data: Data, current: list[str] | None, outputs: int | None) -> list[str] | None:

@@ -39,6 +39,7 @@ from ._rng import epoch_rng, restore_rng
 from ._runtime import Precision, PrecisionName, Runtime, eval_mode, unwrap
 from ._sources import BatchSource, Data, batch_source, class_names_of
 from ._transforms import ImageTransform, default_transform
+from ._tta import check_tta
 
 __all__ = ["Trainer"]
 
@@ -332,24 +333,27 @@ class Trainer:
     # fmt: off
     def _source(
         self, data: Data, what: str, batch_size: int, num_workers: int | None, *,
-        shuffle: bool = False, compute_cache: bool = True,
+        shuffle: bool = False, compute_cache: bool = True, tta: bool = False,
     ) -> BatchSource:
         """Batches of ``data`` for the role ``what`` (``"fit(train)"``, ``"fit(val)"``, ``"evaluate"``)."""
         return batch_source(
             data, model=self.model, what=what, batch_size=batch_size, shuffle=shuffle,
             num_workers=num_workers, seed=self.seed, runtime=self.runtime, cache=self._cache,
-            progress=self.progress, compute_cache=compute_cache,
+            progress=self.progress, compute_cache=compute_cache, tta=tta,
             class_labels=isinstance(self.loss_fn, nn.CrossEntropyLoss),  # other losses: labels unchecked
         )
     # fmt: on
 
     # ------------------------------------------------------------------ evaluation and prediction
 
-    def evaluate(self, data: Data, *, batch_size: int = 32, num_workers: int | None = None) -> dict[str, Any]:
+    def evaluate(
+        self, data: Data, *, batch_size: int = 32, num_workers: int | None = None, tta: bool = False
+    ) -> dict[str, Any]:
         """Loss, accuracy, confusion matrix and per-class precision/recall on ``data``.
 
         Cached features are used when ``fit`` already computed them for this data, never
-        computed just for this.
+        computed just for this. ``tta=True`` scores the mean softmax of each image and its horizontal
+        flip, on the images; the loss is then -log of the true class's mean (needs cross-entropy).
 
         Returns:
             ``{"loss", "accuracy", "count", "class_names", "confusion_matrix", "per_class"}``:
@@ -357,7 +361,8 @@ class Trainer:
             ``i`` predicted as ``j``; ``per_class[name]`` has ``precision``, ``recall`` and
             ``support``.
         """
-        source = self._source(data, "evaluate", batch_size, num_workers, compute_cache=False)
+        tta = check_tta(tta, "evaluate", self.loss_fn)
+        source = self._source(data, "evaluate", batch_size, num_workers, compute_cache=False, tta=tta)
         names = names_for(self.class_names, output_count(self.network))
         confusion = ConfusionMatrix(len(names), self.device)
         metrics = self._evaluate_source(source, confusion)
@@ -370,7 +375,7 @@ class Trainer:
         }
 
     def predict(
-        self, inputs: PredictInput | Sequence[PredictInput], *, batch_size: int = 32
+        self, inputs: PredictInput | Sequence[PredictInput], *, batch_size: int = 32, tta: bool = False
     ) -> Prediction | list[Prediction]:
         """Classify images: paths, PIL images or tensors, one or many.
 
@@ -378,6 +383,7 @@ class Trainer:
         on the images themselves: cached features are never used. Paths and PIL images go
         through ``transform``, which converts any mode to RGB and honours EXIF orientation;
         uint8 tensors are raw pixels, float tensors are taken as already preprocessed.
+        ``tta=True`` averages the softmax of each preprocessed image and of its horizontal flip.
 
         Returns:
             One :class:`Prediction` for one input, a list for a list or a batch tensor.
@@ -389,6 +395,7 @@ class Trainer:
             class_names=self.class_names,
             runtime=self.runtime,
             batch_size=batch_size,
+            tta=tta,
         )
 
     # ------------------------------------------------------------------ checkpoints
