@@ -23,6 +23,7 @@ from torch import nn
 
 from ._checkpoint_checks import (
     check_against_live_states,
+    check_cache_views,
     check_identity,
     check_model_state,
     check_optimizer,
@@ -211,14 +212,7 @@ def read_resume(
             f"Trainer has already unfrozen them; load it into a Trainer built like the original"
         )
     check_trainer_fields(saved, network, source=source)
-    if saved.get("cache_views") != cache_views:
-        # Which view each image trains on depends on K: resuming with another K would not
-        # continue the run that was saved.
-        raise CheckpointError(
-            f"checkpoint {source!r} was trained with cache_views={saved.get('cache_views')!r} but this "
-            f"Trainer has cache_views={cache_views!r}; build the Trainer with "
-            f"cache_views={saved.get('cache_views')!r} to resume it"
-        )
+    check_cache_views(saved, cache_views, source=source)
     check_against_live_states(saved, scheduler, scaler, source=source)
     needs_unfreeze = saved_unfreeze is not None and not unfrozen
     target_frozen = set() if needs_unfreeze else frozen_keys(network)

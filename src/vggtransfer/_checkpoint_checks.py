@@ -28,6 +28,7 @@ from ._state_dict import fingerprint, state_dict_differences
 
 __all__ = [
     "check_against_live_states",
+    "check_cache_views",
     "check_identity",
     "check_model_state",
     "check_optimizer",
@@ -289,6 +290,18 @@ def _count(value: Any, name: str, source: str, *, limit: int | None = None) -> i
             f"checkpoint {source!r} is damaged: trainer field {name!r} should be an int >= 0 but is {value!r:.60}"
         )
     return value
+
+
+def check_cache_views(saved: Mapping[str, Any], cache_views: int | None, *, source: str) -> None:
+    """The checkpoint was trained with this Trainer's ``cache_views`` (older files: None)."""
+    if saved.get("cache_views") != cache_views:
+        # Which view each image trains on depends on K: resuming with another K would not
+        # continue the run that was saved.
+        raise CheckpointError(
+            f"checkpoint {source!r} was trained with cache_views={saved.get('cache_views')!r:.60} but this "
+            f"Trainer has cache_views={cache_views!r}; build the Trainer with "
+            f"cache_views={saved.get('cache_views')!r:.60} to resume it"
+        )
 
 
 def check_trainer_fields(saved: Mapping[str, Any], network: nn.Module, *, source: str) -> None:

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["ConfusionMatrix", "RunningMean"]
+__all__ = ["ConfusionMatrix", "RunningMean", "check_finite_loss"]
+
+
+def check_finite_loss(loss: float, epoch: int, step: int, lr: float) -> None:
+    """Stop training on a NaN or infinite loss, before the optimizer applies it.
+
+    Raises:
+        FloatingPointError: names the epoch, the step and the learning rate.
+    """
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"fit: the loss became {loss} at epoch {epoch}, step {step}; training stopped "
+            f"before the optimizer applied it and no checkpoint was written from this state. "
+            f"Lower the learning rate (lr={lr:g} now) or check "
+            f"the inputs and labels of this batch for NaN or out-of-range values"
+        )
 
 
 class RunningMean:

@@ -8,7 +8,6 @@ after it: ``_runtime`` (device, torchrun, precision, layout, DDP/compile), ``_so
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +30,7 @@ from ._early_stopping import BestTracker, EarlyStopping
 from ._feature_cache import CacheMode, FeatureCache
 from ._heads import known_output_count, output_count
 from ._history import History
-from ._metrics import ConfusionMatrix, RunningMean
+from ._metrics import ConfusionMatrix, RunningMean, check_finite_loss
 from ._optimizer import build_optimizer, build_scheduler, step_scheduler, unfreeze_into
 from ._predict import PredictInput, Prediction, names_for, predict
 from ._progress import make_progress
@@ -292,13 +291,7 @@ class Trainer:
             # One sync per step, for the NaN check. Under torchrun it must agree on every process
             # (a NaN on one alone would leave the others waiting in backward).
             loss_value = self.runtime.mean_across(loss)
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"fit: the loss became {loss_value} at epoch {epoch}, step {step}; training stopped "
-                    f"before the optimizer applied it and no checkpoint was written from this state. "
-                    f"Lower the learning rate (lr={self.optimizer.param_groups[0]['lr']:g} now) or check "
-                    f"the inputs and labels of this batch for NaN or out-of-range values"
-                )
+            check_finite_loss(loss_value, epoch, step, self.optimizer.param_groups[0]["lr"])
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]  # untyped in torch's stubs
             self.scaler.step(self.optimizer)
@@ -389,14 +382,9 @@ class Trainer:
             One :class:`Prediction` for one input, a list for a list or a batch tensor.
         """
         return predict(
-            self.model,
-            inputs,
-            transform=self.transform,
-            class_names=self.class_names,
-            runtime=self.runtime,
-            batch_size=batch_size,
-            tta=tta,
-        )
+            self.model, inputs, transform=self.transform, class_names=self.class_names,
+            runtime=self.runtime, batch_size=batch_size, tta=tta,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -430,26 +418,16 @@ class Trainer:
                 ``head_only`` was asked for a backbone that cannot be rebuilt.
         """
         network = self.network
+        counters = {
+            "epoch": self.epoch, "global_step": self.global_step, "interrupted": interrupted,
+            "seed": self.seed, "lr": self.lr, "precision": self.precision.name, "unfreeze_lr": self.unfreeze_lr,
+            "cache_views": self._cache.views, "history": self.history.to_dict(),
+        }  # fmt: skip
         # Checked by every process (they hold the same weights), so that all raise together.
         fields = check_savable(
-            network,
-            head_only=head_only,
-            fields={
-                "class_names": self.class_names,
-                "extra": extra if extra is not None else self.extra,
-                "counters": {
-                    "epoch": self.epoch,
-                    "global_step": self.global_step,
-                    "interrupted": interrupted,
-                    "seed": self.seed,
-                    "lr": self.lr,
-                    "precision": self.precision.name,
-                    "unfreeze_lr": self.unfreeze_lr,
-                    "cache_views": self._cache.views,
-                    "history": self.history.to_dict(),
-                },
-            },
-        )
+            network, head_only=head_only,
+            fields={"class_names": self.class_names, "extra": self.extra if extra is None else extra, "counters": counters},
+        )  # fmt: skip
         path = Path(path)
         objects = self._training_objects() if training_state else None
         # Under torchrun rank 0 alone writes; every process learns whether it could.
@@ -478,15 +456,9 @@ class Trainer:
                 shape mismatches, NaN weights, or an optimizer of another shape.
         """
         point = read_resume(
-            path,
-            network=self.network,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            scaler=self.scaler,
-            class_names=self.class_names,
-            unfrozen=self.unfreeze_lr is not None,
-            cache_views=self._cache.views,
-        )
+            path, network=self.network, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+            class_names=self.class_names, unfrozen=self.unfreeze_lr is not None, cache_views=self._cache.views,
+        )  # fmt: skip
         # Everything checked: apply.
         if point.unfreeze_lr is not None:
             self.unfreeze_features(lr=point.unfreeze_lr)
