@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vggtransfer as vt
-from helpers import blobs
+from helpers import Augmented, blobs
 
 
 def build(seed: int) -> torch.nn.Module:
@@ -22,7 +22,9 @@ def build(seed: int) -> torch.nn.Module:
 
 
 def main() -> None:
-    """``dist_worker.py OUT EPOCHS BATCH JOB...``, each JOB ``NAME:cache|plain[:CHECKPOINT]``.
+    """``dist_worker.py OUT EPOCHS BATCH JOB...``, each JOB ``NAME:cache|plain|views[:CHECKPOINT]``.
+
+    ``views`` trains on randomly augmented data with ``cache_views=2``.
 
     The jobs run one after the other in the same process group (one torchrun launch for all of
     them: starting Python and torch is most of a launch's cost); each writes into OUT/NAME.
@@ -57,13 +59,14 @@ def run(out: Path, cache: str, epochs: int, batch: int, resume: str | None) -> N
         device="cpu",
         seed=0,
         progress=False,
-        cache_features={"cache": True, "plain": False}[cache],
+        cache_features={"cache": True, "plain": False, "views": "auto"}[cache],
+        cache_views=2 if cache == "views" else None,
         class_names=["cool", "warm"],
     )
     if resume is not None:  # resume from a checkpoint first (e.g. one written by a single process)
         trainer.load_checkpoint(resume)
     trainer.fit(
-        blobs(32),
+        Augmented(32) if cache == "views" else blobs(32),
         blobs(12, seed=7),
         epochs=epochs,
         batch_size=batch,

@@ -6,6 +6,7 @@ import copy
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,6 +22,40 @@ def blobs(n: int = 48, size: int = 32, seed: int = 0) -> TensorDataset:
     colour = torch.tensor([1.0, 0.0, -1.0]).view(1, 3, 1, 1) * (labels.float() * 2 - 1).view(-1, 1, 1, 1)
     images = colour + torch.randn(n, 3, size, size, generator=generator)
     return TensorDataset(images, labels)
+
+
+class Jitter:
+    """A random transform that says so (``deterministic = False``), as any transform may."""
+
+    deterministic = False
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        flipped = image.flip(-1) if torch.rand(()) < 0.5 else image
+        return flipped + 0.3 * torch.randn_like(image)
+
+
+class Augmented(Dataset):
+    """:func:`blobs` through :class:`Jitter`, counting its reads.
+
+    With a ``folder``, it also lists one small file per sample as ``samples``, as ImageFolder
+    does: that makes its features fingerprintable, so the Trainer keeps them in its cache.
+    """
+
+    def __init__(self, n: int = 24, seed: int = 0, folder: Path | None = None) -> None:
+        self.base, self.transform, self.reads = blobs(n, seed=seed), Jitter(), 0
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                (folder / f"{i}.bin").write_bytes(bytes([i]))
+            self.samples = [(str(folder / f"{i}.bin"), i % 2) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        self.reads += 1
+        image, label = self.base[index]
+        return self.transform(image), label
 
 
 class Named(Dataset):

@@ -8,48 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
 import photos
 import vggtransfer as vt
-from helpers import blobs, toy, trainer, weights_equal
+from helpers import Augmented, Jitter, blobs, toy, trainer, weights_equal
 from vggtransfer._augmented_views import SeededView, sample_seed, view_batches, view_choice
 from vggtransfer._feature_store import FeatureSet
 from vggtransfer.data import DogsVsCats
-
-
-class Jitter:
-    """A random transform that says so, as any transform may."""
-
-    deterministic = False
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        flipped = image.flip(-1) if torch.rand(()) < 0.5 else image
-        return flipped + 0.3 * torch.randn_like(image)
-
-
-class Augmented(Dataset):
-    """blobs() through :class:`Jitter`, counting its reads.
-
-    With a ``folder``, it also lists one small file per sample as ``samples``, as ImageFolder
-    does: that makes its features fingerprintable, so the Trainer keeps them in its cache.
-    """
-
-    def __init__(self, n: int = 24, seed: int = 0, folder: Path | None = None) -> None:
-        self.base, self.transform, self.reads = blobs(n, seed=seed), Jitter(), 0
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                (folder / f"{i}.bin").write_bytes(bytes([i]))
-            self.samples = [(str(folder / f"{i}.bin"), i % 2) for i in range(n)]
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int):
-        self.reads += 1
-        image, label = self.base[index]
-        return self.transform(image), label
 
 
 def _views(t: vt.Trainer) -> list[torch.Tensor]:

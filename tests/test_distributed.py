@@ -11,21 +11,25 @@ import pytest
 import torch
 
 import vggtransfer as vt
-from helpers import blobs, torchrun
+from helpers import Augmented, blobs, torchrun
 from vggtransfer._distributed import detect
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 
 
 @functools.cache  # the tests only read the result
-def _single(cache: bool, epochs: int, batch: int) -> vt.Trainer:
+def _single(cache: bool | str, epochs: int, batch: int) -> vt.Trainer:
+    """One process, as dist_worker.py trains: ``cache`` True, False, or "views" (cache_views=2)."""
     sys.path.insert(0, str(WORKER.parent))
     from dist_worker import build
 
+    views = cache == "views"
     trainer = vt.Trainer(
-        build(0), device="cpu", seed=0, progress=False, cache_features=cache, class_names=["cool", "warm"]
-    )
-    trainer.fit(blobs(32), blobs(12, seed=7), epochs=epochs, batch_size=batch, num_workers=0)
+        build(0), device="cpu", seed=0, progress=False, cache_features="auto" if views else cache,
+        cache_views=2 if views else None, class_names=["cool", "warm"],
+    )  # fmt: skip
+    train = Augmented(32) if views else blobs(32)
+    trainer.fit(train, blobs(12, seed=7), epochs=epochs, batch_size=batch, num_workers=0)
     return trainer
 
 
@@ -33,12 +37,13 @@ def _single(cache: bool, epochs: int, batch: int) -> vt.Trainer:
 def two_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One 2-process launch (batch 4, 2 epochs) for every test here: starting it is the slow part.
 
-    Jobs: ``cache`` and ``plain`` train from scratch with and without feature caching; ``resume``
+    Jobs: ``cache`` and ``plain`` train from scratch with and without feature caching, ``views``
+    with cache_views=2 on randomly augmented data; ``resume``
     first loads ``one.pt``, written by a single process after one epoch with batch 8.
     """
     out = tmp_path_factory.mktemp("two-processes")
     _single(True, epochs=1, batch=8).save_checkpoint(out / "one.pt")
-    jobs = ["cache:cache", "plain:plain", f"resume:cache:{out / 'one.pt'}"]
+    jobs = ["cache:cache", "plain:plain", "views:views", f"resume:cache:{out / 'one.pt'}"]
     result = torchrun(str(WORKER), str(out), "2", "4", *jobs, nproc=2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
@@ -49,15 +54,18 @@ def _result(out: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cache", ["cache", "plain"])
+@pytest.mark.parametrize("cache", ["cache", "plain", "views"])
 def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(
     two_process_runs: Path, cache: str
 ) -> None:
     out = two_process_runs / cache
     result = _result(out)
-    single = _single(cache == "cache", epochs=2, batch=8)
+    single = _single({"cache": True, "plain": False, "views": "views"}[cache], epochs=2, batch=8)
     assert result["world"] == 2
-    assert result["cache"]["fit(train)"] == ("on" if cache == "cache" else "off: cache_features=False")
+    # Augmented views: each process computes its share of every view, seeded per sample, so the
+    # gathered views, and the training on them, are those of one process.
+    expected_cache = {"cache": "on", "plain": "off: cache_features=False", "views": "on (2 augmented views)"}
+    assert result["cache"]["fit(train)"] == expected_cache[cache]
     distributed = torch.load(out / "final.pt", weights_only=True)
     expected = single.network.state_dict()
     assert distributed.keys() == expected.keys()
