@@ -207,3 +207,14 @@ def test_seeded_view_reads_through_its_dataset() -> None:
     base = TensorDataset(torch.arange(4.0).view(4, 1), torch.arange(4))
     view = SeededView(base, seed=1, view=0)
     assert len(view) == 4 and torch.equal(view[2][0], base[2][0])
+
+
+def test_views_share_the_memory_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 24 samples of the toy's 64 float32 head inputs: 6 kB a set. 9 kB holds one set, not two.
+    monkeypatch.setenv("VGGTRANSFER_CACHE_MEMORY_GB", "9e-6")
+    single = trainer(cache_dir=tmp_path / "single")
+    single.fit(blobs(24), epochs=1, batch_size=8, num_workers=0)
+    assert single.cache_report["fit(train)"] == "on" and not (tmp_path / "single").exists()
+    views = trainer(cache_views=2, cache_dir=tmp_path / "views")
+    views.fit(Augmented(24, folder=tmp_path / "files"), epochs=1, batch_size=8, num_workers=0)
+    assert len(list((tmp_path / "views").glob("*.bin"))) == 2  # each view got half: both on disk

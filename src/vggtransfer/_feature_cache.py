@@ -350,7 +350,7 @@ class FeatureCache:
                 key = None if base is None else view_key(base, seed, views, view)
                 stored, how = self._one_set(
                     model, SeededView(data, seed, view), key, f"{what} (view {view + 1} of {views})",
-                    runtime, loader, progress, compute=True,
+                    runtime, loader, progress, compute=True, share=views,
                 )  # fmt: skip
                 assert stored is not None  # compute=True always gives a set
                 sets.append(stored)
@@ -374,8 +374,12 @@ class FeatureCache:
         loader: Callable[[Dataset[Any]], DataLoader[Any]],
         progress: Progress,
         compute: bool,
+        share: int = 1,
     ) -> tuple[FeatureSet | None, str]:
-        """The set stored under ``key``: from memory, from disk, or computed (when ``compute``)."""
+        """The set stored under ``key``: from memory, from disk, or computed (when ``compute``).
+
+        A computed set may take ``1 / share`` of the memory budget (K views share it).
+        """
         if key is not None and key in self.sets:
             return self.sets[key], "reused"
         folder = self.folder or default_cache_dir()
@@ -384,7 +388,7 @@ class FeatureCache:
         if stored is None:
             if not compute:
                 return None, how
-            stored = self._compute(model, data, key, folder, what, runtime, loader(data), progress)
+            stored = self._compute(model, data, key, folder, what, runtime, loader(data), progress, share)
         if key is not None:
             self.sets[key] = stored
         return stored, how
@@ -399,11 +403,12 @@ class FeatureCache:
         runtime: Runtime,
         loader: DataLoader[Any],
         progress: Progress,
+        share: int = 1,
     ) -> FeatureSet:
-        """One pass of the frozen network over ``data``; to disk past the memory budget."""
+        """One pass of the frozen network over ``data``; to disk past its share of the memory budget."""
         limit = cache_limit_bytes()  # a malformed setting fails here, not after the feature pass
         # Distributed shards are gathered in memory; the disk cache is single-process.
-        budget = memory_budget(runtime.device) if runtime.world_size == 1 else 1 << 62
+        budget = memory_budget(runtime.device) // share if runtime.world_size == 1 else 1 << 62
         started = time.perf_counter()
         progress.start_epoch(0, 0, len(loader), f"caching features for {what}")
         store = folder / f"{key or secrets.token_hex(16)}.bin"
