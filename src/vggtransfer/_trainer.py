@@ -31,6 +31,7 @@ from ._early_stopping import BestTracker, EarlyStopping
 from ._feature_cache import CacheMode, FeatureCache
 from ._heads import known_output_count, output_count
 from ._history import History
+from ._lr_finder import LRFinder, check_range, range_test
 from ._metrics import ConfusionMatrix, RunningMean
 from ._optimizer import build_optimizer, build_scheduler, step_scheduler, unfreeze_into
 from ._predict import PredictInput, Prediction, names_for, predict
@@ -185,7 +186,7 @@ class Trainer:
 
     @property
     def cache_report(self) -> dict[str, str]:
-        """Per role, ``"fit(train)"`` / ``"fit(val)"`` / ``"evaluate"``: ``"on"`` or ``"off: <why>"``."""
+        """Per role, ``"fit(train)"`` / ``"fit(val)"`` / ``"evaluate"`` / ``"find_lr"``: ``"on"`` or ``"off: <why>"``."""
         return self._cache.report
 
     def unfreeze_features(self, *, lr: float | None = None) -> None:
@@ -345,6 +346,34 @@ class Trainer:
             class_labels=isinstance(self.loss_fn, nn.CrossEntropyLoss),  # other losses: labels unchecked
         )
     # fmt: on
+
+    def find_lr(
+        self, train: Data, *, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100,
+        batch_size: int = 32, num_workers: int | None = None,
+    ) -> LRFinder:  # fmt: skip
+        """The learning-rate range test (Smith 2015, fastai's ``lr_find``); the Trainer is left as it was.
+
+        Trains up to ``steps`` batches of ``train`` (cached features when the backbone is frozen)
+        while every group's rate rises exponentially from ``start_lr`` to ``end_lr``, and stops
+        once the loss diverges. Weights, gradients, optimizer, scheduler, scaler, modes and random
+        states are then restored bit for bit, also after an error; see :class:`LRFinder`.
+
+        Example:
+            >>> import torch, vggtransfer as vt
+            >>> from torch.utils.data import TensorDataset
+            >>> model = vt.replace_classifier(vt.freeze_features(vt.create_model("vgg11", weights=None)), 2)
+            >>> data = TensorDataset(torch.randn(8, 3, 32, 32), torch.tensor([0, 1] * 4))
+            >>> trainer = vt.Trainer(model, device="cpu", seed=0, progress=False)
+            >>> result = trainer.find_lr(data, steps=5, batch_size=4, num_workers=0)
+            >>> 1e-7 <= result.suggestion <= 10, trainer.epoch
+            (True, 0)
+        """
+        plan = check_range(start_lr, end_lr, steps, batch_size, num_workers)
+        return range_test(
+            lambda: self._source(train, "find_lr", batch_size, num_workers, shuffle=True), plan=plan,
+            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+            loss_fn=self.loss_fn, runtime=self.runtime, progress=self.progress, seed=self.seed,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ evaluation and prediction
 
