@@ -17,7 +17,7 @@ import os
 from collections import defaultdict
 from collections.abc import Callable, Generator
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +158,7 @@ class LRFinder:
     losses: list[float]
     start_lr: float
     end_lr: float
-    smoothing: float = field(default=0.0)
+    smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         start = check_learning_rate(self.start_lr, "start_lr", "LRFinder")
@@ -187,7 +187,12 @@ class LRFinder:
 
     @property
     def smoothed(self) -> list[float]:
-        """The losses as a bias-corrected exponential moving average (see :func:`smooth`)."""
+        """The losses as a bias-corrected exponential moving average with factor :attr:`smoothing`.
+
+        After ``n`` losses, ``average = smoothing * average + (1 - smoothing) * loss`` divided by
+        ``1 - smoothing ** n`` (Adam's correction, so that the first values are not pulled
+        towards zero). A non-finite loss makes every later value non-finite.
+        """
         return smooth(self.losses, self.smoothing)
 
     @property
@@ -218,9 +223,10 @@ class LRFinder:
     def plot(self, path: str | os.PathLike[str]) -> Path:
         """Draw the smoothed loss against the learning rate (log scale) with the suggestion, as a PNG.
 
-        The raw loss of each step is drawn faintly behind it. The vertical range follows the
-        smoothed curve up to its minimum, so the divergence at the end leaves the top of the
-        plot instead of squashing the interesting part. Needs matplotlib, the ``plots`` extra:
+        The raw loss of each step is drawn faintly behind it. The vertical range covers the
+        smoothed curve's descent to its minimum and the start of the rise after it, so that a
+        divergence to huge values leaves the top of the plot instead of flattening the rest.
+        Needs matplotlib, the ``plots`` extra:
         ``pip install "vggtransfer[plots]"``.
 
         Args:
