@@ -401,7 +401,7 @@ def test_lrfinder_checks_what_it_is_given(args: tuple, message: str) -> None:
 
 def test_repr_is_a_summary() -> None:
     result = vt.LRFinder([1e-4, 1e-3, 1e-2], [1.0, 0.5, 9.0], 1e-4, 1.0)
-    assert repr(result) == "LRFinder(3 steps, lr 1e-04 to 1e-02, suggestion 1e-04)"
+    assert repr(result) == "LRFinder(3 steps, lr 1.0e-04 to 1.0e-02, suggestion 1.0e-04)"
 
 
 def test_a_loader_that_yields_nothing_is_an_error_not_an_endless_loop() -> None:

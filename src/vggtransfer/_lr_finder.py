@@ -151,7 +151,7 @@ class LRFinder:
         >>> result.suggestion  # a tenth of the rate where the smoothed loss was lowest
         0.001
         >>> result
-        LRFinder(4 steps, lr 1e-04 to 1e-01, suggestion 1e-03)
+        LRFinder(4 steps, lr 1.0e-04 to 1.0e-01, suggestion 1.0e-03)
     """
 
     lrs: list[float]
@@ -179,10 +179,10 @@ class LRFinder:
         self.start_lr, self.end_lr, self.smoothing = start, end, float(smoothing)
 
     def __repr__(self) -> str:
-        reached = f"{self.lrs[-1]:.0e}" if self.lrs else "-"
+        reached = f"{self.lrs[-1]:.1e}" if self.lrs else "-"
         return (
-            f"LRFinder({len(self.lrs)} steps, lr {self.start_lr:.0e} to {reached}, "
-            f"suggestion {self.suggestion:.0e})"
+            f"LRFinder({len(self.lrs)} steps, lr {self.start_lr:.1e} to {reached}, "
+            f"suggestion {self.suggestion:.1e})"
         )
 
     @property

@@ -361,7 +361,7 @@ class Trainer:
         Example:
             >>> import torch, vggtransfer as vt
             >>> from torch.utils.data import TensorDataset
-            >>> model = vt.replace_classifier(vt.freeze_features(vt.create_model("vgg11", weights=None)), 2)
+            >>> model = vt.replace_classifier(vt.freeze_features(vt.create_model("resnet18", weights=None)), 2)
             >>> data = TensorDataset(torch.randn(8, 3, 32, 32), torch.tensor([0, 1] * 4))
             >>> trainer = vt.Trainer(model, device="cpu", seed=0, progress=False)
             >>> result = trainer.find_lr(data, steps=5, batch_size=4, num_workers=0)
