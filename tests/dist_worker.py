@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vggtransfer as vt
-from helpers import Augmented, blobs
+from helpers import Augmented, ToyVGG, blobs
 
 
 def build(seed: int) -> torch.nn.Module:
@@ -34,6 +34,7 @@ def main() -> None:
         name, cache, *resume = job.split(":", 2)
         run(out / name, cache, epochs, batch, resume[0] if resume else None)
     agreement(out / "agreement")
+    lr_range(out / "find_lr")
 
 
 def agreement(out: Path) -> None:
@@ -50,6 +51,32 @@ def agreement(out: Path) -> None:
     except Exception as exc:
         failure = type(exc).__name__
     (out / f"rank{rank}.json").write_text(json.dumps({"seed": drawn.seed, "save": failure}))
+
+
+def small(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return vt.replace_classifier(vt.freeze_features(ToyVGG()), 2, dropout=0.0)
+
+
+def random_labels() -> torch.utils.data.TensorDataset:
+    """Nothing to learn: a rising rate drives the loss up and ends the range test early."""
+    labels = torch.randint(0, 2, (32,), generator=torch.Generator().manual_seed(3))
+    return torch.utils.data.TensorDataset(blobs(32).tensors[0], labels)
+
+
+def lr_range(out: Path) -> None:
+    """find_lr under torchrun: the curve each process records, and whether its weights came back."""
+    rank = int(os.environ["RANK"])
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = vt.Trainer(small(rank), device="cpu", seed=0, progress=False)  # rank 0's weights win
+    before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    result = trainer.find_lr(
+        random_labels(), start_lr=1e-4, end_lr=1e4, steps=30, batch_size=4, num_workers=0
+    )
+    after = trainer.network.state_dict()
+    record = {"lrs": result.lrs, "losses": result.losses, "suggestion": result.suggestion}
+    record["restored"] = all(torch.equal(value, after[key]) for key, value in before.items())
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
 
 
 def run(out: Path, cache: str, epochs: int, batch: int, resume: str | None) -> None:

@@ -91,3 +91,16 @@ def test_compiled_steps_and_feature_pass_on_cuda() -> None:
 
     eager, compiled = run(False), run(True)
     assert compiled.history["train_loss"] == pytest.approx(eager.history["train_loss"], rel=5e-2)
+
+
+def test_find_lr_with_fp16_on_cuda_restores_weights_scaler_and_generators() -> None:
+    t = trainer(vgg(), device="cuda", precision="fp16", cache_features=False)
+    t.unfreeze_features()
+    t.fit(blobs(), epochs=1, batch_size=16, num_workers=0)
+    weights = {k: v.clone() for k, v in t.model.state_dict().items()}
+    scaler, generator = t.scaler.state_dict(), torch.cuda.get_rng_state()
+    result = t.find_lr(blobs(), start_lr=1e-5, end_lr=1e3, steps=12, batch_size=16, num_workers=0)
+    assert 1e-5 <= result.suggestion <= 1e3 and len(result.losses) == len(result.lrs)
+    after = t.model.state_dict()
+    assert all(torch.equal(value, after[key]) for key, value in weights.items())
+    assert t.scaler.state_dict() == scaler and torch.equal(torch.cuda.get_rng_state(), generator)

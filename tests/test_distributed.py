@@ -93,6 +93,22 @@ def test_processes_agree_on_a_drawn_seed_and_on_a_failed_save(two_process_runs: 
     assert [r["save"] for r in ranks] == ["FileExistsError", "RuntimeError"]  # raised, not hung
 
 
+@pytest.mark.slow
+def test_find_lr_under_torchrun_gives_every_process_the_curve_of_one(two_process_runs: Path) -> None:
+    texts = [(two_process_runs / "find_lr" / f"rank{r}.json").read_text() for r in (0, 1)]
+    assert texts[0] == texts[1]  # the same rates and losses: both stopped at the same step
+    record = json.loads(texts[0])
+    assert record["restored"] and 2 < len(record["lrs"]) < 30  # diverged and ended without a hang
+    sys.path.insert(0, str(WORKER.parent))
+    from dist_worker import random_labels, small
+
+    single = vt.Trainer(small(0), device="cpu", seed=0, progress=False).find_lr(
+        random_labels(), start_lr=1e-4, end_lr=1e4, steps=30, batch_size=8, num_workers=0
+    )
+    # two processes of 4 samples a step take the steps of one process of 8 (until divergence amplifies)
+    assert record["losses"][:6] == pytest.approx(single.losses[:6], rel=1e-4)
+
+
 def test_two_process_checkpoint_resumes_in_one_process(two_process_runs: Path) -> None:
     checkpoint = two_process_runs / "cache" / "checkpoints" / "last.pt"
     sys.path.insert(0, str(WORKER.parent))

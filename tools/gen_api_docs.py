@@ -76,6 +76,7 @@ ORDER = [
     "Trainer",
     "EarlyStopping",
     "History",
+    "LRFinder",
     "Prediction",
     "load_model",
     "LoadedModel",

@@ -26,6 +26,7 @@ from ._heads import (
 )
 from ._history import History
 from ._images import to_rgb
+from ._lr_finder import LRFinder
 from ._models import WeightsNotAvailableError, cached_weights_path, classification_models, create_model
 from ._predict import Prediction
 from ._spec import build_spec
@@ -48,6 +49,7 @@ __all__ = [
     "EarlyStopping",
     "History",
     "ImageTransform",
+    "LRFinder",
     "LoadedModel",
     "Prediction",
     "Trainer",

@@ -3,7 +3,8 @@
 The loop is :meth:`Trainer.fit` and its two epoch halves. The rest lives in the module named
 after it: ``_runtime`` (device, torchrun, precision, layout, DDP/compile), ``_sources`` with
 ``_feature_cache`` (images or cached features), ``_optimizer`` (optimizer and schedule),
-``_early_stopping`` (best epoch), ``_checkpoint`` (payload, checks, epoch files), ``_predict``.
+``_early_stopping`` (best epoch), ``_checkpoint`` (payload, checks, epoch files), ``_predict``,
+``_tta`` and ``_lr_finder``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ._early_stopping import BestTracker, EarlyStopping
 from ._feature_cache import CacheMode, FeatureCache
 from ._heads import known_output_count, output_count
 from ._history import History
+from ._lr_finder import LRFinder, check_range, range_test
 from ._metrics import ConfusionMatrix, RunningMean, check_finite_loss
 from ._optimizer import build_optimizer, build_scheduler, step_scheduler, unfreeze_into
 from ._predict import PredictInput, Prediction, names_for, predict
@@ -182,18 +184,15 @@ class Trainer:
 
     @property
     def cache_report(self) -> dict[str, str]:
-        """Per role, ``"fit(train)"`` / ``"fit(val)"`` / ``"evaluate"``: ``"on"`` or ``"off: <why>"``."""
+        """Per role, ``"fit(train)"`` / ``"fit(val)"`` / ``"evaluate"`` / ``"find_lr"``: ``"on"`` or ``"off: <why>"``."""
         return self._cache.report
 
     def unfreeze_features(self, *, lr: float | None = None) -> None:
         """Start fine-tuning: unfreeze the feature extractor and train it at learning rate ``lr``.
 
-        Calls :func:`unfreeze_features` on the model and adds the newly trainable parameters
-        to the optimizer as a new parameter group, so the head keeps its own learning rate.
-        A ``scheduler`` learns of the new group: the features start at ``lr`` and from then on
-        follow the head's schedule (decays, warm-up, cycles) by the same factors. History
-        records their rate as ``features_lr``. Checkpoints record the switch, and
-        :meth:`load_checkpoint` repeats it.
+        The newly trainable parameters join the optimizer as a new group, so the head keeps its
+        own rate; from ``lr`` they follow the head's schedule by the same factors. History
+        records their rate as ``features_lr``; :meth:`load_checkpoint` repeats the switch.
 
         Args:
             lr: Learning rate of the features; defaults to a tenth of the head's current rate.
@@ -337,6 +336,34 @@ class Trainer:
         )
     # fmt: on
 
+    def find_lr(
+        self, train: Data, *, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100,
+        batch_size: int = 32, num_workers: int | None = None,
+    ) -> LRFinder:  # fmt: skip
+        """The learning-rate range test (Smith 2015, fastai's ``lr_find``); the Trainer is left as it was.
+
+        Trains up to ``steps`` batches of ``train`` (cached features when the backbone is frozen)
+        while every group's rate rises exponentially from ``start_lr`` to ``end_lr``, and stops
+        once the loss diverges. Weights, gradients, optimizer, scheduler, scaler, modes and random
+        states are then restored bit for bit, also after an error; see :class:`LRFinder`.
+
+        Example:
+            >>> import torch, vggtransfer as vt
+            >>> from torch.utils.data import TensorDataset
+            >>> model = vt.replace_classifier(vt.freeze_features(vt.create_model("resnet18", weights=None)), 2)
+            >>> data = TensorDataset(torch.randn(8, 3, 32, 32), torch.tensor([0, 1] * 4))
+            >>> trainer = vt.Trainer(model, device="cpu", seed=0, progress=False)
+            >>> result = trainer.find_lr(data, steps=5, batch_size=4, num_workers=0)
+            >>> 1e-7 <= result.suggestion <= 10, trainer.epoch
+            (True, 0)
+        """
+        plan = check_range(start_lr, end_lr, steps, batch_size, num_workers)
+        return range_test(
+            lambda: self._source(train, "find_lr", batch_size, num_workers, shuffle=True), plan=plan,
+            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+            loss_fn=self.loss_fn, runtime=self.runtime, progress=self.progress, seed=self.seed,
+        )  # fmt: skip
+
     # ------------------------------------------------------------------ evaluation and prediction
 
     def evaluate(
@@ -402,13 +429,11 @@ class Trainer:
         Args:
             path: Destination; its folder is created. An existing file is replaced only once
                 the new one is complete.
-            head_only: Store only the trained entries (the head, and BatchNorm layers if they
-                train) plus the backbone's identity and fingerprint. Needs a backbone that can
-                be rebuilt (pretrained weights).
-            training_state: Include what resuming needs beyond the weights: optimizer (Adam
-                keeps two values per trained weight), scheduler, scaler, best weights, RNG.
-                ``False`` writes a deployment file for :func:`load_model`. With both options,
-                VGG16's file shrinks from about 530 MB to the head's 50 MB.
+            head_only: Store only the trained entries plus the backbone's identity and
+                fingerprint; needs a backbone that can be rebuilt (pretrained weights).
+            training_state: Include optimizer, scheduler, scaler, best weights and RNG for
+                resuming; ``False`` writes a deployment file for :func:`load_model`. With both
+                options VGG16's file shrinks from about 530 MB to the head's 50 MB.
             interrupted: Mark the file as written mid-epoch (``fit`` does this on Ctrl-C).
             extra: Your own plain data (str, int, float, bool, None, lists, dicts) to store
                 alongside, such as a data split; defaults to :attr:`extra`.
@@ -443,12 +468,10 @@ class Trainer:
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Restore a checkpoint into this Trainer, to continue training exactly where it stopped.
 
-        Build the Trainer the same way as the one that saved (same architecture, head and
-        optimizer type); the checkpoint then restores weights, optimizer, scheduler, gradient
-        scaler, epoch, history, early-stopping state, class names, transform and random
-        states. If the features were unfrozen for fine-tuning, that is repeated first.
-
-        Everything is checked before anything is changed: on any error the Trainer is as it was.
+        Build the Trainer as the one that saved was built (architecture, head, optimizer type,
+        ``cache_views``); weights, optimizer, scheduler, scaler, epoch, history, early stopping,
+        class names, transform and random states are restored, and an unfreeze is repeated.
+        Everything is checked before anything changes: on any error the Trainer is as it was.
 
         Raises:
             CheckpointError: unreadable or unsafe file, unknown format version, other
