@@ -84,6 +84,8 @@ class Trainer:
             ``$VGGTRANSFER_CACHE`` or ``~/.cache/vggtransfer/features``. The memory budget
             is ``$VGGTRANSFER_CACHE_MEMORY_GB`` (0 = always on disk), the folder's size limit
             ``$VGGTRANSFER_CACHE_LIMIT_GB`` (default 50; least recently used caches go first).
+        persist_cache: Also write cached features that fit in memory to ``cache_dir``, so that a
+            later Trainer or process with the same weights, transform and data reuses them.
         channels_last: Keep convolution weights and input batches in channels-last (NHWC)
             layout, the fast one for GPU tensor cores; ``"auto"`` turns it on for CUDA.
         compile_features: Run the one-time feature pass of feature caching through
@@ -124,6 +126,7 @@ class Trainer:
         progress: bool = True,
         cache_features: CacheMode = "auto",
         cache_dir: str | os.PathLike[str] | None = None,
+        persist_cache: bool = False,
         channels_last: bool | Literal["auto"] = "auto",
         compile_features: bool = False,
         compile_model: bool = False,
@@ -133,9 +136,8 @@ class Trainer:
             model, optimizer=optimizer, lr=lr, loss_fn=loss_fn, scheduler=scheduler,
             class_names=class_names, transform=transform, seed=seed,
         )  # fmt: skip
-        self._cache = FeatureCache(
-            cache_features, check_optional_path(cache_dir, "cache_dir", "Trainer"), compile_features
-        )
+        folder = check_optional_path(cache_dir, "cache_dir", "Trainer")
+        self._cache = FeatureCache(cache_features, folder, compile_features, persist_cache)
         self.runtime = Runtime.start(
             device=device, precision=precision, channels_last=channels_last, compile_model=compile_model
         )
