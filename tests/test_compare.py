@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 import urllib.error
 import weakref
 from pathlib import Path
@@ -582,3 +583,19 @@ def test_validation_labels_must_be_classes_of_the_training_data(tmp_path: Path) 
     assert str(info.value).startswith(
         f"compare_backbones(train): the folder '{tmp_path / 'test1'}' holds unlabelled images"
     )
+
+
+def test_save_without_matplotlib_says_what_to_install_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    comparison = vt.Comparison([{"name": "a", "val_accuracy": 0.5, "val_loss": 0.7, "error": None}])
+    with pytest.raises(TypeError) as wrong:
+        comparison.save(3)  # type: ignore[arg-type]
+    assert str(wrong.value) == "Comparison.save: expected folder to be a path (str or os.PathLike) but got 3"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ModuleNotFoundError) as missing:
+        comparison.save(tmp_path / "report")
+    assert str(missing.value) == (
+        'Comparison.save needs matplotlib, which is not installed; install it with: pip install "vggtransfer[plots]"'
+    )
+    assert not (tmp_path / "report").exists()

@@ -77,6 +77,8 @@ ORDER = [
     "EarlyStopping",
     "History",
     "Prediction",
+    "compare_backbones",
+    "Comparison",
     "load_model",
     "LoadedModel",
     "CheckpointError",

@@ -42,12 +42,10 @@ from ._spec import build_spec
 from ._trainer import Trainer
 from ._transforms import default_transform
 
-__all__ = ["Backbones", "compare_backbones"]
+__all__ = ["compare_backbones"]
 
 _CALLER = "compare_backbones"
 
-#: What ``models`` may be: torchvision names, or names mapped to modules or to functions making one.
-Backbones = Sequence[str] | Mapping[str, nn.Module | Callable[[], nn.Module]]
 
 # A row's keys, in the order a row shows them; a failed row has None for the measured ones.
 _METRICS = (
@@ -79,7 +77,7 @@ class _Settings:
 def compare_backbones(
     train: Dataset[Any] | str | os.PathLike[str],
     val: Dataset[Any] | str | os.PathLike[str],
-    models: Backbones,
+    models: Sequence[str] | Mapping[str, nn.Module | Callable[[], nn.Module]],
     *,
     epochs: int = 10,
     batch_size: int = 32,
@@ -155,14 +153,17 @@ def compare_backbones(
         >>> import tempfile, torch, vggtransfer as vt
         >>> from torch.utils.data import TensorDataset
         >>> data = TensorDataset(torch.randn(8, 3, 32, 32), torch.tensor([0, 1] * 4))
-        >>> models = {"resnet18": lambda: vt.create_model("resnet18", weights=None), "broken": lambda: 1 / 0}
+        >>> models = {
+        ...     "squeezenet": lambda: vt.create_model("squeezenet1_1", weights=None),  # tiny, random weights
+        ...     "broken": lambda: 1 / 0,
+        ... }
         >>> with tempfile.TemporaryDirectory() as cache:
         ...     comparison = vt.compare_backbones(
         ...         data, data, models, epochs=1, batch_size=4, device="cpu", cache_dir=cache,
         ...         progress=False, num_workers=0,
         ...     )
         >>> comparison.best, comparison.rows[0]["feature_dim"], comparison.rows[1]["error"]
-        ('resnet18', 512, 'ZeroDivisionError: division by zero')
+        ('squeezenet', 512, 'ZeroDivisionError: division by zero')
     """
     builders = _check_models(models)
     settings = _check_settings(

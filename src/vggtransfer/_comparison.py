@@ -135,6 +135,7 @@ class Comparison:
             The folder, as a Path.
 
         Raises:
+            TypeError: ``folder`` is not a path.
             ModuleNotFoundError: matplotlib (the ``plots`` extra) is missing; nothing is written.
             FileNotFoundError: the best model's temporary checkpoint was deleted meanwhile.
         """
