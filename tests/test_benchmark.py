@@ -59,3 +59,18 @@ def test_end_to_end_script_times_every_phase_from_files_to_checkpoint(tmp_path: 
     assert data["total_s"] == pytest.approx(sum(data[p] for p in phases))
     assert data["files"] == 24 and data["cached"] == "on"
     assert "| **files on disk to saved checkpoint** |" in result.stdout
+
+
+@pytest.mark.slow
+def test_compare_backbones_script_measures_both_targets(tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
+    args = ["--tensors", "--image-size", "32", "--images", "16", "--val", "8", "--epochs", "1"]
+    args += ["--batch-size", "8", "--archs", "squeezenet1_1", "--device", "cpu", "--workers", "0"]
+    result = _run("compare_backbones.py", [*args, "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["rerun_speedup"] == pytest.approx(data["first_s"] / data["second_s"])
+    assert data["overhead"] == pytest.approx(data["first_s"] / data["singles_fit_s"])
+    assert [row["cache"]["fit(train)"] for row in data["first_rows"]] == ["on"]
+    assert [row["cache"]["fit(train)"] for row in data["second_rows"]] == ["on (from disk)"]
+    assert "| **rerun speed-up** (first / second) |" in result.stdout
+    assert "| **comparison overhead** (first / sum of single fits) |" in result.stdout
