@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import sys
 import urllib.error
 import weakref
@@ -92,11 +93,12 @@ def test_ties_in_accuracy_go_to_the_lower_loss_and_failures_are_never_best() -> 
         {"name": "failed", "val_accuracy": None, "val_loss": None, "error": "RuntimeError: boom"},
         {"name": "b", "val_accuracy": 0.9, "val_loss": 0.25, "error": None},
         {"name": "c", "val_accuracy": 0.8, "val_loss": 0.10, "error": None},
+        {"name": "nan", "val_accuracy": 1.0, "val_loss": math.nan, "error": None},  # nothing to rank by
     ]
     comparison = vt.Comparison(rows)
     assert comparison.best == "b"
     table = comparison.to_markdown().splitlines()
-    assert [line.split(" | ")[0] for line in table[2:6]] == ["| **b**", "| a", "| c", "| failed"]
+    assert [line.split(" | ")[0] for line in table[2:7]] == ["| **b**", "| a", "| c", "| failed", "| nan"]
     assert table[5].endswith("| RuntimeError: boom |")
     assert table[-1] == "Best: **b**, validation accuracy 90.00% (loss 0.2500)."
     nobody = vt.Comparison([rows[1]])

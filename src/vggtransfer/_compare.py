@@ -32,7 +32,7 @@ from ._arguments import (
     check_workers,
 )
 from ._compare_data import ComparisonData, prepare_data
-from ._comparison import BestCheckpoint, Comparison
+from ._comparison import BestCheckpoint, Comparison, attach_checkpoint
 from ._freeze import freeze_features
 from ._heads import find_classifier, replace_classifier
 from ._models import classification_models, create_model
@@ -115,8 +115,9 @@ def compare_backbones(
         val: The validation data, in the same forms; backbones are ranked on it.
         models: A list of torchvision architecture names, each built by
             :func:`create_model` with its default (pretrained) weights; or a dict from name to
-            a function that returns an ``nn.Module`` (called when its turn comes), or to an
-            ``nn.Module``. Any family whose head :func:`replace_classifier` finds works.
+            a function that returns an ``nn.Module`` (called when its turn comes; what it
+            returns is frozen and given the head in place), or to an ``nn.Module`` (copied
+            first). Any family whose head :func:`replace_classifier` finds works.
         epochs: Epochs of head training per backbone.
         batch_size: Samples per step.
         lr: Learning rate of the head.
@@ -179,8 +180,7 @@ def compare_backbones(
         rows.append(row)
         _release_memory(built, settings.device)
         report.message(_summary(rows[-1]))
-    comparison = Comparison(rows, _settings_record(settings, data, max_images))
-    comparison._checkpoint = best
+    comparison = attach_checkpoint(Comparison(rows, _settings_record(settings, data, max_images)), best)
     if comparison.best is None:
         report.message(f"{_CALLER}: no backbone completed; see the error of each row")
     return comparison

@@ -13,7 +13,7 @@ from typing import Any
 
 from ._comparison_plot import plot_comparison, pyplot
 
-__all__ = ["BestCheckpoint", "Comparison", "ranking_key"]
+__all__ = ["BestCheckpoint", "Comparison", "attach_checkpoint", "ranking_key"]
 
 # The columns of the Markdown table: row key, heading, and how a value is written.
 _COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -34,9 +34,9 @@ def ranking_key(row: dict[str, Any]) -> tuple[float, float]:
 
 
 def _completed(row: dict[str, Any]) -> bool:
-    return (
-        row.get("error") is None and row.get("val_accuracy") is not None and row.get("val_loss") is not None
-    )
+    """Whether ``row`` has a result to rank: no error, finite validation accuracy and loss."""
+    values = (row.get("val_accuracy"), row.get("val_loss"))
+    return row.get("error") is None and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
 class BestCheckpoint:
@@ -207,3 +207,9 @@ def _one_line(text: Any) -> str | None:
     if text is None:
         return None
     return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def attach_checkpoint(comparison: Comparison, checkpoint: BestCheckpoint) -> Comparison:
+    """Give ``comparison`` the best model's checkpoint, for :meth:`Comparison.save`; returns it."""
+    comparison._checkpoint = checkpoint
+    return comparison
