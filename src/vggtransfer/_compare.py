@@ -122,7 +122,7 @@ def compare_backbones(
         batch_size: Samples per step.
         lr: Learning rate of the head.
         seed: Seeds the shuffling, dropout and head initialisation (the same for every
-            backbone) and the ``max_images`` subset.
+            backbone) and the ``max_images`` subset; None draws one (see ``settings``).
         device: ``"auto"`` picks CUDA, then Apple MPS, then the CPU.
         cache_dir: The feature cache folder; default ``$VGGTRANSFER_CACHE`` or
             ``~/.cache/vggtransfer/features``.
@@ -149,6 +149,7 @@ def compare_backbones(
     Raises:
         TypeError, ValueError: an argument or the data is not what is expected; the message
             says what was found and what is allowed.
+        FileNotFoundError: ``train`` or ``val`` names a folder that does not exist.
 
     Example:
         >>> import tempfile, torch, vggtransfer as vt
