@@ -46,17 +46,26 @@ def plot_comparison(
         axis.annotate(
             f"{name} (best)" if chosen else name,
             (seconds, 100 * accuracy),
-            xytext=(7, 5),
+            xytext=(9, 0),
             textcoords="offset points",
+            va="center",
             fontsize=9,
             fontweight="bold" if chosen else "normal",
         )
     times = [seconds for _, seconds, _ in points]
-    if times and min(times) > 0 and max(times) / min(times) > 30:
+    log = bool(times) and min(times) > 0 and max(times) / min(times) > 30
+    if log:
         axis.set_xscale("log")  # a rerun's disk reads next to fresh passes: seconds over decades
-    if not points:
+    if points:
+        axis.margins(x=0.2, y=0.15)
+        low, high = axis.get_ylim()  # accuracy is a percentage: no axis far above 100 or below 0
+        axis.set_ylim(max(low, 0.0), min(high, 100.0 + 0.05 * (high - low)))
+        if not log:  # times from zero, so that their ratios read off the plot; room for the labels
+            axis.set_xlim(0.0, max(max(times) * 1.35, 1e-3))
+    else:  # empty axes, but with sensible ranges rather than matplotlib's -0.06 to 0.06
+        axis.set_xlim(0, 1)
+        axis.set_ylim(0, 100)
         axis.text(0.5, 0.5, "no backbone completed", transform=axis.transAxes, ha="center", va="center")
-    axis.margins(x=0.2, y=0.15)
     axis.set_xlabel("feature pass (s): computing or reading the cached features once")
     axis.set_ylabel("validation accuracy (%)")
     axis.set_title("Backbones compared: accuracy against feature-pass time")
