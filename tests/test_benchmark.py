@@ -89,3 +89,18 @@ def test_cpu_feature_pass_script_reports_both_dtypes_and_the_matmul_share(tmp_pa
     assert all(row["share_of_matmul_rate"] > 0 for row in data["feature_pass"])
     assert 0 <= data["agreement"]["prediction_agreement"] <= 1
     assert isinstance(data["native_bf16"], list)
+
+
+@pytest.mark.slow
+def test_compare_backbones_script_measures_both_targets(tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
+    args = ["--tensors", "--image-size", "32", "--images", "16", "--val", "8", "--epochs", "1"]
+    args += ["--batch-size", "8", "--archs", "squeezenet1_1", "--device", "cpu", "--workers", "0"]
+    result = _run("compare_backbones.py", [*args, "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["rerun_speedup"] == pytest.approx(data["first_s"] / data["second_s"])
+    assert data["overhead"] == pytest.approx(data["first_s"] / data["singles_fit_s"])
+    assert [row["cache"]["fit(train)"] for row in data["first_rows"]] == ["on"]
+    assert [row["cache"]["fit(train)"] for row in data["second_rows"]] == ["on (from disk)"]
+    assert "| **rerun speed-up** (first / second) |" in result.stdout
+    assert "| **comparison overhead** (first / sum of single fits) |" in result.stdout

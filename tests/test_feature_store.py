@@ -482,3 +482,28 @@ def test_a_fifo_in_place_of_an_entry_file_is_damage_not_a_hang(
         t = trainer(cache_dir=cache)
         t.fit(blobs(16), epochs=1, batch_size=8, num_workers=0)
     assert t.cache_report["fit(train)"] == "on"
+
+
+def test_persist_cache_writes_features_that_fit_in_memory_for_a_later_trainer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    monkeypatch.delenv("VGGTRANSFER_CACHE_MEMORY_GB", raising=False)  # the default budget: they fit
+    cache = tmp_path / "cache"
+    in_memory = trainer(cache_dir=cache)
+    _fit(in_memory, blobs(16))
+    assert not cache.exists()  # without persist_cache, features that fit are never written
+    persisted = trainer(cache_dir=cache, persist_cache=True)
+    _fit(persisted, blobs(16))
+    key, features = _cached(persisted)
+    assert persisted.cache_report == {"fit(train)": "on"} and set(_files(cache)) == _entry(key)
+    assert _same(features, reference)
+    later = trainer(cache_dir=cache)  # another run, persist_cache or not, reads them
+    _fit(later, blobs(16))
+    assert later.cache_report == {"fit(train)": "on (from disk)"} and _same(_cached(later)[1], reference)
+    assert later.history[-1]["train_loss"] == persisted.history[-1]["train_loss"]
+
+
+def test_persist_cache_must_be_a_bool() -> None:
+    with pytest.raises(TypeError) as info:
+        trainer(persist_cache="yes")
+    assert str(info.value) == "Trainer: expected persist_cache to be True or False but got 'yes'"

@@ -78,6 +78,8 @@ ORDER = [
     "History",
     "LRFinder",
     "Prediction",
+    "compare_backbones",
+    "Comparison",
     "load_model",
     "LoadedModel",
     "CheckpointError",

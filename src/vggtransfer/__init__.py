@@ -14,6 +14,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._checkpoint import LoadedModel, load_model
 from ._checkpoint_file import FORMAT_VERSION, CheckpointError
+from ._compare import compare_backbones
+from ._comparison import Comparison
 from ._distributed import is_main_process
 from ._early_stopping import EarlyStopping
 from ._freeze import BatchNormPolicy, feature_extractor, freeze_features, unfreeze_features
@@ -46,6 +48,7 @@ __all__ = [
     "AppendedClassifier",
     "BatchNormPolicy",
     "CheckpointError",
+    "Comparison",
     "EarlyStopping",
     "History",
     "ImageTransform",
@@ -59,6 +62,7 @@ __all__ = [
     "build_spec",
     "cached_weights_path",
     "classification_models",
+    "compare_backbones",
     "create_model",
     "feature_extractor",
     "find_classifier",

@@ -96,17 +96,17 @@ def check_learning_rate(value: object, name: str = "lr", caller: str = "Trainer"
     return rate
 
 
-def check_seed(value: object) -> int | None:
+def check_seed(value: object, caller: str = "Trainer") -> int | None:
     """None (draw one) or an int in [0, 2**63) (numpy integers accepted)."""
     if value is None:
         return None
     seed = _integer(value)
     if seed is None:
         raise TypeError(
-            f"Trainer: expected seed to be None or an int in [0, 2**63) but got {value!r} ({type(value).__name__})"
+            f"{caller}: expected seed to be None or an int in [0, 2**63) but got {value!r} ({type(value).__name__})"
         )
     if not 0 <= seed < _SEED_LIMIT:
-        raise ValueError(f"Trainer: expected seed to be an int in [0, 2**63) but got {seed}")
+        raise ValueError(f"{caller}: expected seed to be an int in [0, 2**63) but got {seed}")
     return seed
 
 

@@ -217,6 +217,15 @@ def cache_key(model: nn.Module, data: Dataset[Any], precision: str) -> str | Non
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+def _within_budget(stored: FeatureSet, device: torch.device, budget: int) -> FeatureSet:
+    """A memory-mapped set moved to ``device`` when it fits the budget, as a computed set would be."""
+    # On the CPU the mapping already reads from the page cache; on a GPU, copying once beats
+    # moving every batch of every epoch from host memory.
+    if device.type == "cpu" or stored.features.numel() * 4 > budget:
+        return stored
+    return FeatureSet(stored.features.to(device), stored.targets.to(device))
+
+
 class FeatureCache:
     """Decides whether a data set's features are cached, and computes, keeps and reuses them.
 
@@ -227,6 +236,7 @@ class FeatureCache:
             (``$VGGTRANSFER_CACHE`` or ``~/.cache/vggtransfer/features``).
         compile_network: Run the feature pass through ``torch.compile`` with inductor freezing.
         views: Cache this many augmented views of training data whose transform is random.
+        persist: Also write sets that fit in memory to ``folder``, for later runs to reuse.
 
     Attributes:
         report: For each role (``"fit(train)"``, ``"fit(val)"``, ``"evaluate"``), ``"on"``,
@@ -234,10 +244,17 @@ class FeatureCache:
     """
 
     def __init__(
-        self, mode: CacheMode, folder: Path | None, compile_network: bool, views: int | None = None
+        self,
+        mode: CacheMode,
+        folder: Path | None,
+        compile_network: bool,
+        views: int | None = None,
+        persist: bool = False,
     ) -> None:
         if mode not in ("auto", True, False) or not isinstance(mode, (bool, str)):
             raise ValueError(f"Trainer: expected cache_features to be 'auto', True or False but got {mode!r}")
+        if not isinstance(persist, bool):
+            raise TypeError(f"Trainer: expected persist_cache to be True or False but got {persist!r}")
         if views is not None:
             views = check_positive_int(views, "cache_views", "Trainer", limit=1000)
             if mode is False:
@@ -247,6 +264,7 @@ class FeatureCache:
                 )
         self.mode = mode
         self.views = views
+        self.persist = persist
         self.folder = folder
         self.compile_network = compile_network
         self.report: dict[str, str] = {}
@@ -385,10 +403,12 @@ class FeatureCache:
         folder = self.folder or default_cache_dir()
         stored = open_features(folder / f"{key}.bin") if key is not None else None
         how = "from disk" if stored is not None else "computed"
+        if stored is None and not compute:
+            return None, how
         if stored is None:
-            if not compute:
-                return None, how
             stored = self._compute(model, data, key, folder, what, runtime, loader(data), progress, share)
+        else:
+            stored = _within_budget(stored, runtime.device, memory_budget(runtime.device) // share)
         if key is not None:
             self.sets[key] = stored
         return stored, how
@@ -409,6 +429,8 @@ class FeatureCache:
         limit = cache_limit_bytes()  # a malformed setting fails here, not after the feature pass
         # Distributed shards are gathered in memory; the disk cache is single-process.
         budget = memory_budget(runtime.device) // share if runtime.world_size == 1 else 1 << 62
+        # persist: on disk whatever the size, when a later run can find it (it has a key).
+        persist = self.persist and key is not None and runtime.world_size == 1
         started = time.perf_counter()
         progress.start_epoch(0, 0, len(loader), f"caching features for {what}")
         store = folder / f"{key or secrets.token_hex(16)}.bin"
@@ -420,8 +442,10 @@ class FeatureCache:
             autocast=runtime.autocast,
             on_batch=lambda count: progress.step(None, count),
             store=store,
-            budget_bytes=budget,
+            budget_bytes=0 if persist else budget,
         )
+        if persist:
+            stored = _within_budget(stored, runtime.device, budget)
         if store.exists():  # went to disk
             if key is None:  # no later run can find it: drop the names now, the mapping stays
                 drop_cache(store)

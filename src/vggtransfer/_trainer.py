@@ -84,6 +84,8 @@ class Trainer:
         cache_dir: Where features past the memory budget are kept as memory-mapped files, for
             later runs with the same weights, transform and data; default ``$VGGTRANSFER_CACHE``
             or ``~/.cache/vggtransfer/features`` (budgets and limits: docs/trainer.md).
+        persist_cache: Also write cached features that fit in memory to ``cache_dir``, so that
+            later Trainers and processes with the same weights, transform and data reuse them.
         channels_last: Keep convolution weights and input batches in channels-last (NHWC)
             layout, the fast one for GPU tensor cores; ``"auto"`` turns it on for CUDA.
         compile_features: Run the feature pass through ``torch.compile`` with inductor
@@ -120,6 +122,7 @@ class Trainer:
         cache_features: CacheMode = "auto",
         cache_dir: str | os.PathLike[str] | None = None,
         cache_views: int | None = None,
+        persist_cache: bool = False,
         channels_last: bool | Literal["auto"] = "auto",
         compile_features: bool = False,
         compile_model: bool = False,
@@ -129,12 +132,8 @@ class Trainer:
             model, optimizer=optimizer, lr=lr, loss_fn=loss_fn, scheduler=scheduler,
             class_names=class_names, transform=transform, seed=seed,
         )  # fmt: skip
-        self._cache = FeatureCache(
-            cache_features,
-            check_optional_path(cache_dir, "cache_dir", "Trainer"),
-            compile_features,
-            cache_views,
-        )
+        folder = check_optional_path(cache_dir, "cache_dir", "Trainer")
+        self._cache = FeatureCache(cache_features, folder, compile_features, cache_views, persist_cache)
         self.runtime = Runtime.start(
             device=device, precision=precision, channels_last=channels_last, compile_model=compile_model
         )
