@@ -20,7 +20,7 @@ from typing import Literal, TypeVar
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._heads import declared_classifier, is_appended, locate_head
+from ._heads import declares_classifier, is_appended, locate_head
 from ._spec import record
 
 __all__ = [
@@ -75,7 +75,7 @@ def feature_extractor(model: nn.Module) -> tuple[list[nn.Module], list[nn.Parame
     features = getattr(model, "features", None)
     # A timm model's declared classifier wins over a `features` attribute (timm's VGG has both,
     # with `pre_logits` between them): everything but that classifier is its feature extractor.
-    if isinstance(features, nn.Module) and declared_classifier(model) is None:
+    if isinstance(features, nn.Module) and not declares_classifier(model):
         return [features], []
     head = locate_head(model, "freeze_features")
     return _all_but(model, head.name)

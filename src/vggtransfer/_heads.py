@@ -35,7 +35,7 @@ __all__ = [
     "AppendedClassifier",
     "Head",
     "append_classifier",
-    "declared_classifier",
+    "declares_classifier",
     "find_classifier",
     "is_appended",
     "known_output_count",
@@ -110,35 +110,28 @@ def _head_at(name: str, module: object) -> Head | None:
     return None
 
 
-def declared_classifier(model: nn.Module) -> str | None:
-    """The classifier path a timm model declares (``pretrained_cfg["classifier"]``), else None.
-
-    timm names it ``"fc"``, ``"head"``, ``"classifier"`` or, for heads with their own pooling
-    and normalisation (ConvNeXt), a dotted path such as ``"head.fc"``.
-
-    Raises:
-        TypeError: the model declares several classifiers (timm's distilled models).
-    """
+def declares_classifier(model: nn.Module) -> bool:
+    """Whether ``model`` says where its classifier is, as timm models do in ``pretrained_cfg``."""
     cfg = getattr(model, "pretrained_cfg", None)
-    declared = cfg.get("classifier") if isinstance(cfg, dict) else None
-    if declared is None or isinstance(declared, str):
-        return declared
-    names = tuple(declared) if isinstance(declared, (list, tuple)) else declared
-    raise TypeError(
-        f"{type(model).__name__} declares the classifiers {names!r} (pretrained_cfg['classifier']), "
-        f"as timm's distilled models do; vggtransfer needs a model with one classifier head: use "
-        f"the variant without distillation"
-    )
+    return isinstance(cfg, dict) and cfg.get("classifier") is not None
 
 
 def _declared_head(model: nn.Module, caller: str) -> Head | None:
-    """The head at the path ``model`` declares for its classifier (timm models), or None."""
-    try:
-        path = declared_classifier(model)
-    except TypeError as exc:
-        raise TypeError(f"{caller}: {exc}") from None
-    if path is None:
+    """The head at the path ``model`` declares for its classifier (timm models), or None.
+
+    timm names it ``"fc"``, ``"head"``, ``"classifier"`` or, for heads with their own pooling
+    and normalisation (ConvNeXt), a dotted path such as ``"head.fc"``.
+    """
+    if not declares_classifier(model):
         return None
+    path = model.pretrained_cfg["classifier"]  # type: ignore[index]
+    if not isinstance(path, str):
+        names = tuple(path) if isinstance(path, (list, tuple)) else path
+        raise TypeError(
+            f"{caller}: {type(model).__name__} declares the classifiers {names!r} "
+            f"(pretrained_cfg['classifier']), as timm's distilled models do; vggtransfer needs a "
+            f"model with one classifier head: use the variant without distillation"
+        )
     try:
         module = model.get_submodule(path)
     except AttributeError:
