@@ -126,15 +126,33 @@ def test_frozen_guarantee_survives_deepcopy_and_pickle() -> None:
     assert len(model.features[1]._forward_pre_hooks) == 1  # the original is untouched
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "vit_b_32", "mobilenet_v3_small"])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "resnet18",
+        "vit_b_32",
+        "mobilenet_v3_small",
+        # timm: the declared classifier; ConvNeXt's is head.fc, so the head's norm is frozen too
+        "timm:test_convnext",
+        "timm:test_efficientnet",
+        "timm:test_vit",
+    ],
+)
 def test_models_without_vgg_layout_freeze_everything_but_head(arch: str) -> None:
-    model = vt.replace_classifier(vt.create_model(arch, weights=None), 2)
+    if arch.startswith("timm:"):
+        pytest.importorskip("timm")
+    options = {"img_size": 64} if arch == "timm:test_vit" else {}
+    model = vt.replace_classifier(vt.create_model(arch, weights=None, **options), 2)
     vt.freeze_features(model)
     head_name, _ = vt.find_classifier(model)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(name.startswith(head_name + ".") for name in trainable)
     if arch == "vit_b_32":
         assert not model.class_token.requires_grad
+    if arch == "timm:test_vit":
+        assert not model.cls_token.requires_grad and not model.pos_embed.requires_grad
+    if arch == "timm:test_convnext":
+        assert head_name == "head.fc" and not model.head.norm.weight.requires_grad
     size = 224 if arch.startswith("vit") else 64
     backbone = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(head_name + ".")}
     _train_steps(model, steps=1, size=size)
@@ -147,3 +165,17 @@ def test_freeze_rejects_unknown_policy_and_headless_module() -> None:
         vt.freeze_features(ToyVGG(), batchnorm="eval")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="cannot find the classifier head of Conv2d"):
         vt.freeze_features(nn.Conv2d(3, 3, 1))
+
+
+def test_timm_declared_classifier_wins_over_a_features_module() -> None:
+    # timm's VGG has `features`, then `pre_logits` (its fc6/fc7 as convolutions), then `head.fc`:
+    # everything before the classifier it declares is its feature extractor, pre_logits included.
+    vgg = pytest.importorskip("timm.models.vgg")
+    model = vgg.VGG(cfg=[8, "M", 16, "M"], mlp_ratio=1 / 256)
+    model.pretrained_cfg = {"classifier": "head.fc"}  # what timm.create_model sets
+    vt.freeze_features(vt.replace_classifier(model, 2))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.fc.0.weight", "head.fc.0.bias", "head.fc.3.weight", "head.fc.3.bias"}
+    model.train()
+    model(torch.randn(2, 3, 32, 32))
+    assert not model.pre_logits.training  # its dropout is held inactive like the features'

@@ -31,7 +31,19 @@ FAMILIES = {
     "vgg11": 32,
     "vit_b_32": 32,
 }
-BUILD_OPTIONS = {"vit_b_32": {"image_size": 32}}
+# timm models (the "timm" extra), random weights: timm's tiny test_* architectures and a few real
+# families, so the classifier sits at a plain attribute (fc, classifier, head), a dotted path
+# (ConvNeXt's and ByobNet's head.fc) or is a 1x1 convolution (DLA).
+TIMM_FAMILIES = {
+    "timm:dla46_c": 32,
+    "timm:resnet18": 32,
+    "timm:test_byobnet": 32,
+    "timm:test_convnext": 32,
+    "timm:test_efficientnet": 32,
+    "timm:test_resnet": 32,
+    "timm:test_vit": 32,
+}
+BUILD_OPTIONS = {"vit_b_32": {"image_size": 32}, "timm:test_vit": {"img_size": 32}}
 
 
 _BUILT: dict[str, nn.Module] = {}
@@ -57,9 +69,11 @@ def _forget_built_models():
     _BUILT.clear()  # about 2 GB of weights: not kept for the rest of the session
 
 
-@pytest.fixture(params=sorted(FAMILIES), scope="module")
+@pytest.fixture(params=[*sorted(FAMILIES), *TIMM_FAMILIES], scope="module")
 def family(request: pytest.FixtureRequest) -> tuple[str, int]:
-    return request.param, FAMILIES[request.param]
+    if request.param.startswith("timm:"):
+        pytest.importorskip("timm")
+    return request.param, {**FAMILIES, **TIMM_FAMILIES}[request.param]
 
 
 def _logits(model: nn.Module, size: int) -> torch.Tensor:
@@ -72,7 +86,8 @@ def test_replace_classifier_on_every_family(family: tuple[str, int]) -> None:
     arch, size = family
     model = vt.replace_classifier(_build(arch), 3)
     assert _logits(model, size).shape == (2, 3)
-    _, head = vt.find_classifier(model)
+    name, head = vt.find_classifier(model)
+    assert model.get_submodule(name) is head  # a dotted name (timm's head.fc) is a path to it
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     assert [m.out_features for m in linears[-2:]] == [500, 3]
 
@@ -246,3 +261,36 @@ def test_append_records_spec_and_keeps_net_identity() -> None:
     spec = vt.build_spec(model)
     assert spec["arch"] == "vgg11"
     assert spec["head"]["method"] == "append"
+
+
+def test_timm_dotted_head_is_replaced_in_place_keeping_its_pooling_and_norm() -> None:
+    pytest.importorskip("timm")
+    model = vt.create_model("timm:test_convnext", weights=None)
+    head_module, norm = model.head, model.head.norm  # timm's NormMlpClassifierHead: pool, norm, fc
+    vt.replace_classifier(model, 2, hidden=())
+    assert vt.find_classifier(model)[0] == "head.fc"
+    assert model.head is head_module and model.head.norm is norm
+    assert isinstance(model.head.fc, nn.Linear) and model.head.fc.out_features == 2
+    assert _logits(model, 32).shape == (2, 2)
+
+
+def test_timm_model_without_one_classifier_is_refused_with_what_was_declared() -> None:
+    pytest.importorskip("timm")
+    headless = vt.create_model("timm:test_vit", weights=None, img_size=32, num_classes=0)
+    with pytest.raises(TypeError) as info:
+        vt.replace_classifier(headless, 2)
+    assert str(info.value) == (
+        "replace_classifier: the classifier that VisionTransformer declares (pretrained_cfg['classifier'] "
+        "= 'head') is a Identity; expected an nn.Linear or an nn.Sequential containing nn.Linear layers. "
+        "A timm model built with num_classes=0 has no classifier: build it with num_classes >= 1 (the default)"
+    )
+    distilled = vt.create_model(  # DeiT's distilled layout at toy size
+        "timm:deit_tiny_distilled_patch16_224", weights=None, img_size=32, embed_dim=32, depth=1, num_heads=2
+    )
+    with pytest.raises(TypeError) as info:
+        vt.append_classifier(distilled, 2)
+    assert str(info.value) == (
+        "append_classifier: VisionTransformerDistilled declares the classifiers ('head', 'head_dist') "
+        "(pretrained_cfg['classifier']), as timm's distilled models do; vggtransfer needs a model with "
+        "one classifier head: use the variant without distillation"
+    )

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -221,3 +222,14 @@ def test_classification_models_lists_torchvision_names() -> None:
     names = vt.classification_models()
     assert {"vgg16", "vgg16_bn", "resnet50", "vit_b_16"} <= set(names)
     assert "fasterrcnn_resnet50_fpn" not in names
+
+
+def test_timm_names_without_timm_installed_say_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)  # what `import timm` sees where it is not installed
+    with pytest.raises(ModuleNotFoundError) as info:
+        vt.create_model("timm:resnet18", weights=None)
+    assert str(info.value) == (
+        "create_model('timm:resnet18') needs timm, which is not installed; install it with: "
+        "pip install 'vggtransfer[timm]'"
+    )
+    assert info.value.name == "timm"

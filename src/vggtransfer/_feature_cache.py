@@ -113,6 +113,26 @@ def _backbone_verdict(model: nn.Module) -> Verdict:
                 f"{name!r} ({type(module).__name__}) outside the head changes between training and "
                 f"evaluation (BatchNorm trainable, or dropout not frozen)",
             )
+    return _functional_dropout_verdict(model, inside_head)
+
+
+def _functional_dropout_verdict(model: nn.Module, inside_head: set[int]) -> Verdict:
+    """Whether a module applies dropout by function call, from its ``drop_rate`` attribute.
+
+    timm's ResNet and EfficientNet call ``F.dropout(x, drop_rate, self.training)`` before their
+    classifier, which no dropout module shows; the cached pass (evaluation mode) would skip it.
+    """
+    for name, module in model.named_modules():
+        rate = getattr(module, "drop_rate", 0.0)
+        if id(module) in inside_head or held_in_eval(module) or not isinstance(rate, (int, float)):
+            continue
+        if rate > 0:
+            return Verdict(
+                "varies",
+                f"{name or 'the model'!r} ({type(module).__name__}) has drop_rate={rate}: timm may apply "
+                f"that dropout in training by a function call, which cached features cannot reproduce; "
+                f"build the model with drop_rate=0 to cache features",
+            )
     return Verdict("fixed")
 
 

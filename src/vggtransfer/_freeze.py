@@ -20,7 +20,7 @@ from typing import Literal, TypeVar
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._heads import is_appended, locate_head
+from ._heads import declares_classifier, is_appended, locate_head
 from ._spec import record
 
 __all__ = [
@@ -55,7 +55,9 @@ def feature_extractor(model: nn.Module) -> tuple[list[nn.Module], list[nn.Parame
         * a model with a ``features`` module (VGG, AlexNet, DenseNet, MobileNet, EfficientNet,
           ConvNeXt, Swin, SqueezeNet): ``model.features``;
         * any other model with a recognised head (ResNet, RegNet, ViT, MaxViT, ...): everything
-          but the head.
+          but the head;
+        * a timm model: everything but the classifier it declares, so for ConvNeXt's
+          ``"head.fc"`` the head's normalisation is frozen too.
 
     Raises:
         TypeError: the model has no ``features`` module and no recognisable head.
@@ -71,11 +73,30 @@ def feature_extractor(model: nn.Module) -> tuple[list[nn.Module], list[nn.Parame
     if is_appended(model):
         return [model.get_submodule("net")], []
     features = getattr(model, "features", None)
-    if isinstance(features, nn.Module):
+    # A timm model's declared classifier wins over a `features` attribute (timm's VGG has both,
+    # with `pre_logits` between them): everything but that classifier is its feature extractor.
+    if isinstance(features, nn.Module) and not declares_classifier(model):
         return [features], []
     head = locate_head(model, "freeze_features")
-    modules = [child for name, child in model.named_children() if name != head.name]
-    return modules, list(model.parameters(recurse=False))
+    return _all_but(model, head.name)
+
+
+def _all_but(model: nn.Module, path: str) -> tuple[list[nn.Module], list[nn.Parameter]]:
+    """Every child of ``model`` but the one at ``path``; for a dotted path, its siblings' too.
+
+    For ``"head.fc"`` that is every child but ``head``, plus ``head``'s children but ``fc`` (the
+    head's pooling and normalisation) and the parameters held directly by ``model`` and ``head``.
+    """
+    modules: list[nn.Module] = []
+    params = list(model.parameters(recurse=False))
+    node = model
+    parts = path.split(".")
+    for depth, part in enumerate(parts):
+        modules += [child for name, child in node.named_children() if name != part]
+        node = node.get_submodule(part)
+        if depth < len(parts) - 1:
+            params += list(node.parameters(recurse=False))
+    return modules, params
 
 
 def freeze_features(model: M, *, batchnorm: BatchNormPolicy = "frozen") -> M:

@@ -10,6 +10,11 @@ LayerNorm). Replacing a head keeps that preparation and swaps everything from th
 projection on, so the new head receives exactly what the old one did. Dropout before the first
 projection (EfficientNet's and MobileNet V2's ``Dropout(0.2)``) is regularisation of the old
 head, not preparation, and goes with it: the new head brings its own dropout.
+
+timm models say where their classifier is (``pretrained_cfg["classifier"]``: ``"fc"``, ``"head"``,
+``"classifier"``, or a dotted path such as ConvNeXt's ``"head.fc"``, whose parent holds the pooling
+and normalisation). That declaration is used instead of the search above, so the head's name may be
+a dotted path: it is also the state-dict prefix of the head (``head.fc.``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ __all__ = [
     "AppendedClassifier",
     "Head",
     "append_classifier",
+    "declares_classifier",
     "find_classifier",
     "is_appended",
     "known_output_count",
@@ -69,15 +75,13 @@ def locate_head(model: nn.Module, caller: str) -> Head:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}: expected model to be an nn.Module but got {type(model).__name__}")
+    declared = _declared_head(model, caller)
+    if declared is not None:
+        return declared
     for name in HEAD_ATTRIBUTES:
-        module = getattr(model, name, None)
-        if isinstance(module, nn.Linear):
-            return Head(name, module, (module,), (0,))
-        if isinstance(module, nn.Sequential):
-            layers = tuple(module.children())
-            projections = tuple(i for i, layer in enumerate(layers) if _is_projection(layer))
-            if projections:
-                return Head(name, module, layers, projections)
+        head = _head_at(name, getattr(model, name, None))
+        if head is not None:
+            return head
     found = {
         name: type(getattr(model, name)).__name__
         for name in HEAD_ATTRIBUTES
@@ -94,12 +98,68 @@ def locate_head(model: nn.Module, caller: str) -> Head:
     )
 
 
+def _head_at(name: str, module: object) -> Head | None:
+    """``module`` as a head: an ``nn.Linear``, or an ``nn.Sequential`` with a projection in it."""
+    if isinstance(module, nn.Linear):
+        return Head(name, module, (module,), (0,))
+    if isinstance(module, nn.Sequential):
+        layers = tuple(module.children())
+        projections = tuple(i for i, layer in enumerate(layers) if _is_projection(layer))
+        if projections:
+            return Head(name, module, layers, projections)
+    return None
+
+
+def declares_classifier(model: nn.Module) -> bool:
+    """Whether ``model`` says where its classifier is, as timm models do in ``pretrained_cfg``."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    return isinstance(cfg, dict) and cfg.get("classifier") is not None
+
+
+def _declared_head(model: nn.Module, caller: str) -> Head | None:
+    """The head at the path ``model`` declares for its classifier (timm models), or None.
+
+    timm names it ``"fc"``, ``"head"``, ``"classifier"`` or, for heads with their own pooling
+    and normalisation (ConvNeXt), a dotted path such as ``"head.fc"``.
+    """
+    if not declares_classifier(model):
+        return None
+    path = model.pretrained_cfg["classifier"]  # type: ignore[index]
+    if not isinstance(path, str):
+        names = tuple(path) if isinstance(path, (list, tuple)) else path
+        raise TypeError(
+            f"{caller}: {type(model).__name__} declares the classifiers {names!r} "
+            f"(pretrained_cfg['classifier']), as timm's distilled models do; vggtransfer needs a "
+            f"model with one classifier head: use the variant without distillation"
+        )
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None  # the declaration is stale: search the usual attributes
+    # A bare 1x1 convolution is a classifier too (timm's DLA), with pooling left to replace_classifier.
+    if _is_projection(module) and not isinstance(module, nn.Linear):
+        return Head(path, module, (module,), (0,))
+    head = _head_at(path, module)
+    if head is None:
+        raise TypeError(
+            f"{caller}: the classifier that {type(model).__name__} declares "
+            f"(pretrained_cfg['classifier'] = {path!r}) is a {type(module).__name__}; expected an "
+            f"nn.Linear or an nn.Sequential containing nn.Linear layers. A timm model built with "
+            f"num_classes=0 has no classifier: build it with num_classes >= 1 (the default)"
+        )
+    return head
+
+
 def find_classifier(model: nn.Module) -> tuple[str, nn.Module]:
     """Return the attribute name and module of ``model``'s classifier head.
 
+    For a timm model the name is the path its ``pretrained_cfg["classifier"]`` declares, which
+    may be dotted (``"head.fc"`` for ConvNeXt): ``model.get_submodule(name)`` is the head.
+
     Raises:
         TypeError: no attribute named ``classifier``, ``fc``, ``heads`` or ``head`` holds an
-            ``nn.Linear`` or an ``nn.Sequential`` with one.
+            ``nn.Linear`` or an ``nn.Sequential`` with one, or the classifier a timm model
+            declares is not one (``num_classes=0``) or is several (distilled models).
 
     Example:
         >>> import vggtransfer as vt
@@ -244,7 +304,8 @@ def replace_classifier(
         new_head: nn.Module = new_layers[0]  # keep resnet.fc a plain Linear
     else:
         new_head = nn.Sequential(*kept, *new_layers)
-    setattr(model, head.name, _like(new_head, head.module))
+    parent, _, attribute = head.name.rpartition(".")  # a dotted path (timm's "head.fc") sets a child's child
+    setattr(model.get_submodule(parent), attribute, _like(new_head, head.module))
     record(
         model,
         head={

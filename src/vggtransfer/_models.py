@@ -73,16 +73,26 @@ def create_model(
     progress: bool = True,
     **builder_kwargs: Any,
 ) -> nn.Module:
-    """Build a torchvision classification model, optionally with pretrained weights.
+    """Build a torchvision (or timm) classification model, optionally with pretrained weights.
 
     The model comes back exactly as torchvision builds it (so ``model.features`` and
     ``model.classifier`` are where torchvision puts them), in training mode, on the CPU.
     Pretrained files are read with the safe ``weights_only`` unpickler before torchvision
     touches them, so a tampered cache file is refused instead of executed.
 
+    With the ``timm`` extra installed, ``arch="timm:NAME"`` builds ``timm.create_model(NAME)``
+    instead, e.g. ``"timm:convnext_atto"`` or, with a pretrained tag, ``"timm:resnet18.a1_in1k"``.
+    Its weights are ``"DEFAULT"`` (timm's pretrained weights for that tag, downloaded by timm
+    from the Hugging Face hub), ``None`` or a local ``.safetensors`` / ``.pth`` file. The head
+    functions, freezing and :func:`default_transform` follow what the model declares in its
+    ``pretrained_cfg`` (classifier name, input size, crop, interpolation, mean and std). The
+    build record names the tag timm resolved (``"timm:resnet18.a1_in1k"`` for
+    ``"timm:resnet18"``), so checkpoints rebuild the same weights with later timm releases.
+
     Args:
         arch: A torchvision classification model name, e.g. ``"vgg16"``, ``"vgg16_bn"``,
-            ``"resnet50"``; see :func:`classification_models`.
+            ``"resnet50"`` (see :func:`classification_models`), or ``"timm:"`` followed by a
+            timm model name (see ``timm.list_models()``).
         weights: Which weights to start from:
 
             * ``"DEFAULT"``: the best ImageNet weights torchvision has for ``arch``;
@@ -91,9 +101,12 @@ def create_model(
             * a path to a local ``.pth`` state dict of the same architecture (offline machines);
             * ``None``: random initialisation, no download.
 
-            Downloads go to torchvision's cache, ``$TORCH_HOME/hub/checkpoints``.
-        progress: Show a progress bar while downloading.
-        **builder_kwargs: Passed to the torchvision builder, e.g. ``dropout=0.2``.
+            Downloads go to torchvision's cache, ``$TORCH_HOME/hub/checkpoints`` (timm's to
+            the Hugging Face cache, ``$HF_HOME``).
+        progress: Show a progress bar while downloading (torchvision; the Hugging Face hub
+            shows its own).
+        **builder_kwargs: Passed to the torchvision builder, e.g. ``dropout=0.2``, or to
+            ``timm.create_model``, e.g. ``drop_path_rate=0.1``.
 
     Returns:
         The model. vggtransfer records ``arch`` and ``weights`` on it so checkpoints can rebuild it.
@@ -103,6 +116,7 @@ def create_model(
         ValueError: ``arch`` is unknown, the weights name does not exist for ``arch``, or the
             file holds weights of another shape or is not a plain state dict.
         FileNotFoundError: ``weights`` is a path that does not exist.
+        ModuleNotFoundError: ``arch`` is a ``"timm:"`` name and timm is not installed.
         WeightsNotAvailableError: the download failed (for example on an offline machine).
 
     Example:
@@ -112,6 +126,8 @@ def create_model(
         1000
 
     """
+    if isinstance(arch, str) and arch.startswith("timm:"):
+        return _create_timm_model(arch, weights, builder_kwargs)
     arch = _check_arch(arch)
     resolved = _resolve_weights(arch, weights)
     if isinstance(resolved, WeightsEnum):
@@ -135,6 +151,64 @@ def create_model(
         random_init_kwargs={**_architecture_kwargs(arch, model), **builder_kwargs} or None,
     )
     return model
+
+
+def _create_timm_model(arch: str, weights: object, builder_kwargs: dict[str, Any]) -> nn.Module:
+    """``create_model`` for ``"timm:NAME"``: build with timm, load a local file exactly, record."""
+    from ._timm import build_timm_model, check_timm_arch, read_weights_file, timm_arch_record
+
+    name = check_timm_arch(arch)
+    source = _resolve_timm_weights(arch, weights)
+    # Read a local file before building, so a wrong path fails without the build's cost.
+    state_dict = read_weights_file(source) if isinstance(source, Path) else None
+    model = build_timm_model(name, pretrained=source == "DEFAULT", builder_kwargs=builder_kwargs)
+    weights_record = "DEFAULT" if source == "DEFAULT" else None
+    if isinstance(source, Path) and state_dict is not None:
+        load_exactly(model, state_dict, source=str(source))
+        weights_record = f"file:{source.resolve()}"
+    record(
+        model,
+        arch=timm_arch_record(name, model),
+        weights=weights_record,
+        builder_kwargs=dict(builder_kwargs) or None,
+        random_init_kwargs=dict(builder_kwargs) or None,
+    )
+    return model
+
+
+def _resolve_timm_weights(arch: str, weights: object) -> str | Path | None:
+    """``"DEFAULT"`` (timm's pretrained weights), a local file, or None for random weights."""
+    if weights is None or (isinstance(weights, str) and weights == "DEFAULT"):
+        return weights
+    if isinstance(weights, os.PathLike):
+        return Path(weights)
+    expected = (
+        "expected 'DEFAULT' (timm's pretrained weights), None for random initialisation, or a path "
+        "to a local .safetensors or .pth file"
+    )
+    if isinstance(weights, WeightsEnum):
+        raise ValueError(
+            f"create_model: weights {weights!r} are torchvision weights, which do not fit the timm "
+            f"model {arch!r}; {expected}"
+        )
+    if not isinstance(weights, str):
+        raise TypeError(
+            f"create_model: expected weights to be a str, a path or None for timm model {arch!r} "
+            f"but got {type(weights).__name__}"
+        )
+    if _looks_like_path(weights) or weights.endswith(".safetensors"):
+        return Path(weights)
+    from ._timm import timm_pretrained_tags
+
+    arch_name = arch[len("timm:") :].split(".")[0]
+    hint = (
+        f" timm chooses pretrained weights by a tag in the name: did you mean arch "
+        f"'timm:{arch_name}.{weights}'?"
+        if weights in timm_pretrained_tags(arch_name)
+        else f" timm chooses pretrained weights by a tag in the name, e.g. 'timm:{arch_name}.TAG' "
+        f"(see timm.list_pretrained({arch_name + '.*'!r}))."
+    )
+    raise ValueError(f"create_model: weights {weights!r} do not exist for {arch!r}; {expected}.{hint}")
 
 
 def _architecture_kwargs(arch: str, model: nn.Module) -> dict[str, Any]:

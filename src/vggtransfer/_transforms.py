@@ -14,8 +14,10 @@ from torch import nn
 from torchvision.models import WeightsEnum, get_weight
 from torchvision.transforms import v2
 
+from ._heads import is_appended
 from ._images import tensor_to_rgb, to_rgb
 from ._spec import build_spec
+from ._timm import timm_eval_settings
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -230,7 +232,17 @@ def imagenet_transform(
 
 
 def default_transform(model: nn.Module) -> ImageTransform:
-    """The evaluation preprocessing of ``model``'s recorded weights, else the standard ImageNet one."""
+    """The evaluation preprocessing of ``model``'s recorded weights, else the standard ImageNet one.
+
+    A timm model's comes from its ``pretrained_cfg`` (input size, ``crop_pct``, interpolation,
+    mean and std), as timm's own evaluation transform does.
+
+    Raises:
+        ValueError: a timm model's preprocessing is not representable as an ImageTransform.
+    """
+    timm_settings = timm_eval_settings(model.get_submodule("net") if is_appended(model) else model)
+    if timm_settings is not None:
+        return ImageTransform(**timm_settings)
     weights = build_spec(model).get("weights")
     if isinstance(weights, str) and not weights.startswith("file:"):
         return imagenet_transform(weights=weights)
