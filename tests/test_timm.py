@@ -322,3 +322,26 @@ def test_head_only_checkpoint_rebuilds_the_timm_backbone_and_its_preprocessing(t
     torch.save(timm.create_model("test_convnext").state_dict(), tmp_path / "pretrained.pth")
     with pytest.raises(vt.CheckpointError, match="this model's frozen backbone differs"):
         vt.load_model(head)
+
+
+# ---------------------------------------------------------------------------- compare_backbones
+
+
+def test_compare_backbones_takes_timm_names_and_factories(offline_hub: Path, tmp_path: Path) -> None:
+    settings = {"epochs": 2, "batch_size": 8, "device": "cpu", "progress": False, "num_workers": 0}
+    train, val = blobs(16, size=64), blobs(8, size=64, seed=7)
+    offline = vt.compare_backbones(train, val, ["timm:test_resnet"], cache_dir=tmp_path / "c", **settings)
+    (row,) = offline.rows
+    assert row["error"].startswith("WeightsNotAvailableError: ") and offline.best is None
+
+    factories = {
+        "convnext": lambda: _pretrained(tmp_path, "timm:test_convnext"),
+        "resnet": lambda: _pretrained(tmp_path / "r", "timm:test_resnet"),
+    }
+    (tmp_path / "r").mkdir()
+    comparison = vt.compare_backbones(train, val, factories, cache_dir=tmp_path / "c", **settings)
+    assert [r["error"] for r in comparison.rows] == [None, None]
+    assert [r["cache"]["fit(train)"] for r in comparison.rows] == ["on", "on"]
+    assert comparison.best in factories
+    model, _, _ = vt.load_model(comparison.save(tmp_path / "report") / "best.pt")
+    assert vt.build_spec(model)["arch"].startswith("timm:test_")
