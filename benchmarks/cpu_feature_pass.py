@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import vggtransfer as vt
-from vggtransfer.data import DogsVsCats, stratified_split
+from vggtransfer.data import DogsVsCats, ImageList, stratified_split
 
 PETS = Path(__file__).resolve().parents[2] / "shared" / "data" / "oxford-pets-sample"
 # VGG16_bn's forward cost at 224 px from torchvision's metadata (GFLOPS counts multiply-adds).
@@ -50,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--weights", default=None, help="a local VGG16_bn weights file")
     parser.add_argument("--data", type=Path, default=PETS, help="photos for the agreement check")
+    parser.add_argument("--agreement-images", type=int, default=None, help="photos used (default: all)")
+    parser.add_argument("--agreement-size", type=int, default=None, help="crop size (default: the smallest)")
     parser.add_argument("--out", type=Path, default=Path("cpu_feature_pass.json"))
     return parser.parse_args()
 
@@ -96,9 +98,13 @@ def feature_pass_rate(model: nn.Module, size: int, batch: int, repeats: int, bf1
     return batch * repeats / (time.perf_counter() - started)
 
 
-def agreement(model: nn.Module, folder: Path, size: int) -> dict[str, Any]:
+def agreement(model: nn.Module, folder: Path, size: int, images: int | None) -> dict[str, Any]:
     """Train a head on fp32 features of real photos; compare its predictions from bf16 features."""
     data = DogsVsCats(folder, transform=vt.imagenet_transform(size=size), progress=False)
+    if images is not None:  # an even spread over the sorted files: both classes
+        step = max(1, len(data) // images)
+        kept = data.samples[::step][:images]
+        data = ImageList(kept, data.classes, transform=data.transform)
     split = stratified_split(data, 0.2, seed=0)
     loader = torch.utils.data.DataLoader(data, batch_size=32)
     rows = {True: [], False: []}
@@ -165,7 +171,8 @@ def main() -> int:
             )
             print(results["feature_pass"][-1], flush=True)
     if args.data.is_dir():
-        results["agreement"] = agreement(model, args.data, min(args.sizes))
+        size = args.agreement_size or min(args.sizes)
+        results["agreement"] = {"size": size, **agreement(model, args.data, size, args.agreement_images)}
         print(results["agreement"], flush=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"\nnative bf16: {results['native_bf16'] or 'none'}; matmul GFLOP/s: {results['matmul_gflops']}")

@@ -31,8 +31,14 @@ def plot_comparison(
     The best backbone is a larger orange star; backbones that failed are listed under the plot.
     """
     figure, axis = plt.subplots(figsize=(7, 4.8))
-    for name, seconds, accuracy in points:
+    # Backbones of about the same accuracy sit on one line, where labels to the right of their
+    # points would run into the next point: those get labels above and below in turn instead.
+    rows: dict[int, int] = {}
+    for name, seconds, accuracy in sorted(points, key=lambda p: p[1]):
         chosen = name == best
+        row = round(100 * accuracy / 3)  # within about 3 points
+        shared = sum(round(100 * a / 3) == row for _, _, a in points) > 1
+        turn = rows[row] = rows.get(row, -1) + 1
         axis.scatter(
             [seconds],
             [100 * accuracy],
@@ -46,9 +52,10 @@ def plot_comparison(
         axis.annotate(
             f"{name} (best)" if chosen else name,
             (seconds, 100 * accuracy),
-            xytext=(9, 0),
+            xytext=(0, 9 if turn % 2 == 0 else -9) if shared else (9, 0),
             textcoords="offset points",
-            va="center",
+            ha="center" if shared else "left",
+            va=("bottom" if turn % 2 == 0 else "top") if shared else "center",
             fontsize=9,
             fontweight="bold" if chosen else "normal",
         )
