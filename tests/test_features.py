@@ -447,3 +447,48 @@ def test_pruning_deletes_least_recently_used_caches_beyond_the_limit(tmp_path: P
     opened = open_features(store)
     assert opened is not None and opened.features.shape == (2, 3)
     assert (tmp_path / f"{new}.json").stat().st_mtime >= now
+
+
+def test_a_disk_cache_is_keyed_by_the_label_mapping_too(pet_folders: Path, tmp_path: Path) -> None:
+    from torchvision.datasets import ImageFolder
+
+    transform = vt.imagenet_transform(size=32)
+    cache = tmp_path / "cache"
+
+    def fit(**options) -> vt.Trainer:
+        t = trainer(class_names=None, cache_dir=cache, persist_cache=True)
+        t.fit(ImageFolder(pet_folders, transform=transform, **options), epochs=1, batch_size=3, num_workers=0)
+        return t
+
+    assert fit().cache_report["fit(train)"] == "on"
+    assert fit().cache_report["fit(train)"] == "on (from disk)"
+    swapped = fit(target_transform=lambda label: 1 - label)  # other labels: not the same cache
+    assert swapped.cache_report["fit(train)"] == "on"
+    (targets,) = [s.targets for s in swapped._cache.sets.values()]
+    assert targets.tolist() == [1, 1, 1, 0, 0, 0]
+
+
+def test_a_cache_whose_labels_changed_unseen_is_refused(pet_folders: Path, tmp_path: Path) -> None:
+    class Relabelled(DogsVsCats):
+        """Labels changed by a means the cache key cannot see (here, an attribute of its own)."""
+
+        swap = False
+
+        def __getitem__(self, index: int):
+            image, label = super().__getitem__(index)
+            return image, 1 - label if self.swap else label
+
+    data = Relabelled(pet_folders, transform=vt.imagenet_transform(size=32))
+    trainer(class_names=None, cache_dir=tmp_path, persist_cache=True).fit(
+        data, epochs=1, batch_size=3, num_workers=0
+    )
+    data.swap = True
+    later = trainer(class_names=None, cache_dir=tmp_path)
+    with pytest.raises(ValueError) as error:
+        later.fit(data, epochs=1, batch_size=3, num_workers=0)
+    assert str(error.value) == (
+        "fit(train): the cached features were stored with label 0 for the first sample, but the dataset "
+        "now gives 1; the labels changed without the cache key noticing. Delete the feature cache "
+        "folder (cache_dir) or pass cache_features=False"
+    )
+    assert later.epoch == 0

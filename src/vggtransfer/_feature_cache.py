@@ -217,7 +217,25 @@ def data_key(data: Any) -> str | None:
         json.dumps(transform.to_dict() if isinstance(transform, ImageTransform) else repr(transform)).encode()
     )
     digest.update(json.dumps(indices).encode())
+    # What else turns a file into a sample: ImageFolder's label mapping and image reader. Only
+    # when set, so that the keys of datasets without them (and their caches) stay as they were.
+    for name in ("target_transform", "loader"):
+        part = getattr(root, name, None)
+        if part is not None:
+            digest.update(f"|{name}={_describe(part)}".encode())
     return digest.hexdigest()
+
+
+def _describe(part: object) -> str:
+    """A stable name for a module-level function (the same in every process), else its repr.
+
+    A lambda's or a local function's repr holds its address: unique to this object, so a cache
+    keyed by it is never mistaken for another's (nor found again by a later process).
+    """
+    qualname = getattr(part, "__qualname__", "")
+    if callable(part) and qualname and "<" not in qualname and not isinstance(part, type):
+        return f"{getattr(part, '__module__', '?')}.{qualname}"
+    return repr(part)
 
 
 def backbone_key(model: nn.Module) -> str:

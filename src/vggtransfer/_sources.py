@@ -41,6 +41,7 @@ __all__ = [
     "EpochShuffle",
     "LoaderSource",
     "batch_source",
+    "check_cached_label",
     "check_data",
     "class_names_of",
     "default_workers",
@@ -213,12 +214,15 @@ class CachedSource:
 BatchSource = LoaderSource | CachedSource
 
 
-def check_data(data: object, what: str, world_size: int, *, class_labels: bool = True) -> None:
+def check_data(data: object, what: str, world_size: int, *, class_labels: bool = True) -> Any:
     """Refuse what cannot be trained or evaluated on, before any work starts.
 
     A Dataset must have a length, at least one sample, and a first sample that is an
     ``(image tensor, int label)`` pair. Under torchrun a DataLoader is refused: each process
     must be given its own share of the Dataset.
+
+    Returns:
+        The label of the first sample; None for a DataLoader.
 
     Raises:
         TypeError: not a Dataset or DataLoader, or a first sample of the wrong kind.
@@ -230,7 +234,7 @@ def check_data(data: object, what: str, world_size: int, *, class_labels: bool =
                 f"{what}: under torchrun, pass a Dataset rather than a DataLoader, so that each of "
                 f"the {world_size} processes can be given its own share of it"
             )
-        return
+        return None
     if not isinstance(data, Dataset) or not hasattr(data, "__len__"):
         raise TypeError(
             f"{what}: expected a torch Dataset (with __len__) or a DataLoader but got {type(data).__name__}"
@@ -240,6 +244,7 @@ def check_data(data: object, what: str, world_size: int, *, class_labels: bool =
     with preserved_rng():  # reading a sample through a random transform draws random numbers
         first = data[0]
     _check_sample(first, what, class_labels)
+    return first[1]
 
 
 def _check_sample(sample: Any, what: str, class_labels: bool) -> None:
@@ -318,7 +323,7 @@ def batch_source(
     caller = what.split("(")[0]
     batch_size = check_positive_int(batch_size, "batch_size", caller)
     num_workers = check_workers(num_workers, caller)
-    check_data(data, what, runtime.world_size, class_labels=class_labels)
+    first_label = check_data(data, what, runtime.world_size, class_labels=class_labels)
     network = unwrap(model)
     # Class indices (for cross-entropy) are checked up front where known, then batch by batch.
     check_labels = (
@@ -348,12 +353,27 @@ def batch_source(
     if features is not None:
         if check_labels is not None:
             check_labels(features[0].targets)  # all of them, once (every view has the same)
+            check_cached_label(features[0], first_label, what)
         head = runtime.wrap(locate_head(network, "Trainer").module, training=shuffle)
         return CachedSource(
             features, head, batch_size, shuffle, seed, runtime.device, runtime.rank, runtime.world_size
         )
     images = data if isinstance(data, DataLoader) else loader(data, shuffle=shuffle)
     return LoaderSource(images, with_tta(runtime.wrap(model, training=shuffle), tta), seed, check_labels)
+
+
+def check_cached_label(features: FeatureSet, label: Any, what: str) -> None:
+    """The cached targets start with the dataset's first label: a cache of other labels is refused.
+
+    The cache key covers the files, the transforms and the label mapping it can see; this catches
+    what it cannot (a dataset whose labels changed by other means).
+    """
+    if int(features.targets[0]) != int(label):
+        raise ValueError(
+            f"{what}: the cached features were stored with label {int(features.targets[0])} for the first "
+            f"sample, but the dataset now gives {int(label)}; the labels changed without the cache key "
+            f"noticing. Delete the feature cache folder (cache_dir) or pass cache_features=False"
+        )
 
 
 def class_names_of(data: Data, current: list[str] | None, outputs: int | None) -> list[str] | None:
