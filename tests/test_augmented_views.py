@@ -218,3 +218,15 @@ def test_views_share_the_memory_budget(tmp_path: Path, monkeypatch: pytest.Monke
     views = trainer(cache_views=2, cache_dir=tmp_path / "views")
     views.fit(Augmented(24, folder=tmp_path / "files"), epochs=1, batch_size=8, num_workers=0)
     assert len(list((tmp_path / "views").glob("*.bin"))) == 2  # each view got half: both on disk
+
+
+def test_only_training_reports_suggest_views() -> None:
+    t = trainer()
+    t.fit(Augmented(), Augmented(8, seed=3), epochs=1, batch_size=8, num_workers=0)
+    t.evaluate(Augmented(8, seed=3), num_workers=0)
+    reason = "off: the transform declares itself random"
+    assert t.cache_report == {
+        "fit(train)": f"{reason}; pass cache_views=K to cache K augmented views of every image",
+        "fit(val)": reason,  # views are for training alone: no hint where they cannot help
+        "evaluate": reason,
+    }

@@ -11,6 +11,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -601,3 +602,66 @@ def test_save_without_matplotlib_says_what_to_install_and_writes_nothing(
         'Comparison.save needs matplotlib, which is not installed; install it with: pip install "vggtransfer[plots]"'
     )
     assert not (tmp_path / "report").exists()
+
+
+def test_save_refuses_an_empty_path_or_a_file_and_drops_a_stale_best_checkpoint(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    rows = [{"name": "a", "val_accuracy": None, "val_loss": None, "error": "RuntimeError: boom"}]
+    failed = vt.Comparison(rows)
+    with pytest.raises(ValueError) as error:
+        failed.save("")
+    assert str(error.value) == "Comparison.save: expected folder to be a folder's path but got an empty path"
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(ValueError) as error:
+        failed.save(tmp_path / "a-file")
+    assert str(error.value) == (
+        f"Comparison.save: expected folder to be a folder's path but got {str(tmp_path / 'a-file')!r}, "
+        f"which is a file"
+    )
+    assert (tmp_path / "a-file").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a-file"
+    ]
+    compare(blobs(16), blobs(8, seed=7), {"toy": toy}, cache_dir=cache).save(tmp_path / "report")
+    assert (tmp_path / "report" / "best.pt").exists()
+    failed.save(tmp_path / "report")  # a comparison without a best: no best.pt to contradict it
+    assert not (tmp_path / "report" / "best.pt").exists()
+    assert json.loads((tmp_path / "report" / "comparison.json").read_text())["best"] is None
+
+
+def test_comparison_json_is_strict_json(tmp_path: Path) -> None:
+    rows = [
+        {"name": "a", "val_accuracy": 0.5, "val_loss": math.inf, "train_loss": math.nan, "error": None},
+        {"name": "b", "val_accuracy": 0.75, "val_loss": 0.5, "feature_pass_s": 1.0, "error": None},
+    ]
+    settings = {"max_images": np.int64(4), "lr": np.float32(0.5)}
+    vt.Comparison(rows, settings).save(tmp_path)
+    text = (tmp_path / "comparison.json").read_text()
+    report = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in comparison.json"))
+    assert report["rows"][0]["val_loss"] is None and report["rows"][0]["train_loss"] is None
+    assert report["settings"] == {"max_images": 4, "lr": 0.5}
+
+
+def test_timm_names_are_checked_before_any_backbone_is_built() -> None:
+    pytest.importorskip("timm")
+    with pytest.raises(ValueError) as error:
+        compare(blobs(16), blobs(8, seed=7), ["squeezenet1_1", "timm:resnet181"])
+    assert str(error.value).startswith(
+        "compare_backbones: unknown timm model 'timm:resnet181'; did you mean 'timm:resnet18"
+    )
+
+
+def test_a_cache_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("mine")
+    expected = (
+        f"expected cache_dir to be a folder but {str(tmp_path / 'file')!r} is a file; pass a folder's "
+        f"path (it is created if missing), or None for the default cache folder"
+    )
+    with pytest.raises(ValueError) as error:
+        compare(blobs(16), blobs(8, seed=7), {"toy": toy}, cache_dir=tmp_path / "file")
+    assert str(error.value) == f"compare_backbones: {expected}"
+    with pytest.raises(ValueError) as error:
+        trainer(cache_dir=tmp_path / "file")
+    assert str(error.value) == f"Trainer: {expected}"
+    assert (tmp_path / "file").read_text() == "mine"

@@ -260,6 +260,12 @@ def test_the_same_seed_gives_the_same_curve_whatever_the_global_generator() -> N
             "expected end_lr to be greater than start_lr=0.001 (the rate rises from start_lr to end_lr) but got "
             "end_lr=0.0001",
         ),
+        (
+            {"start_lr": 1e-320, "end_lr": 1e308},
+            ValueError,
+            "expected end_lr / start_lr to be a finite ratio but 1e+308 / 1e-320 overflows; raise start_lr "
+            "(the default is 1e-7) or lower end_lr",
+        ),
         ({"steps": 1}, ValueError, "expected steps to be an int >= 2 (a curve needs two points) but got 1"),
         ({"steps": True}, TypeError, "expected steps to be an int >= 2 but got True (bool)"),
         ({"steps": 10.0}, TypeError, "expected steps to be an int >= 2 but got 10.0 (float)"),

@@ -199,3 +199,10 @@ def test_tta_on_cuda_with_autocast_and_channels_last_agrees_with_the_cpu() -> No
     assert torch.allclose(
         _probabilities(gpu.predict(images, tta=True)), _mean_softmax(cpu.model, images), atol=2e-2
     )
+
+
+def test_a_numpy_bool_is_taken_as_the_bool_it_is() -> None:
+    t = trainer()
+    image = blobs(1).tensors[0][0]
+    assert t.predict(image, tta=np.True_).probabilities == t.predict(image, tta=True).probabilities
+    assert t.predict(image, tta=np.False_).probabilities == t.predict(image).probabilities

@@ -25,6 +25,7 @@ __all__ = [
     "check_epochs",
     "check_learning_rate",
     "check_optimizer_argument",
+    "check_cache_dir",
     "check_optional_path",
     "check_positive_int",
     "check_scheduler",
@@ -186,6 +187,17 @@ def check_optional_path(value: object, name: str, caller: str) -> Path | None:
             f"{caller}: expected {name} to be a path (str or os.PathLike) or None but got {value!r}"
         )
     return Path(value)
+
+
+def check_cache_dir(value: object, caller: str) -> Path | None:
+    """None, or a path that is a folder or can become one (not an existing file)."""
+    folder = check_optional_path(value, "cache_dir", caller)
+    if folder is not None and folder.exists() and not folder.is_dir():
+        raise ValueError(
+            f"{caller}: expected cache_dir to be a folder but {str(folder)!r} is a file; pass a "
+            f"folder's path (it is created if missing), or None for the default cache folder"
+        )
+    return folder
 
 
 def check_single_output(loss_fn: object, outputs: int | None) -> None:

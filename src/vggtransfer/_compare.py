@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ._arguments import (
+    check_cache_dir,
     check_learning_rate,
-    check_optional_path,
     check_positive_int,
     check_seed,
     check_workers,
@@ -39,6 +39,7 @@ from ._models import classification_models, create_model
 from ._progress import make_progress
 from ._runtime import resolve_device
 from ._spec import build_spec
+from ._timm import TIMM_PREFIX, check_timm_arch
 from ._trainer import Trainer
 from ._transforms import default_transform
 
@@ -208,12 +209,17 @@ def _check_models(models: object) -> dict[str, Callable[[], nn.Module]]:
     _refuse_repeats(list(models))
     known = classification_models()
     for name in models:
-        if ":" not in name and name not in known:  # "timm:NAME" and other sources: create_model decides
+        if name.startswith(TIMM_PREFIX):
+            try:
+                check_timm_arch(name)  # unknown names and tags now, before any backbone is built
+            except ValueError as error:
+                raise ValueError(f"{_CALLER}: {str(error).removeprefix('create_model: ')}") from None
+        elif name not in known:
             close = difflib.get_close_matches(name, known, n=3)
             hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
             raise ValueError(
                 f"{_CALLER}: unknown architecture {name!r} in models; {hint}expected torchvision "
-                f"classification models (see vt.classification_models())"
+                f"classification models (see vt.classification_models()) or 'timm:NAME'"
             )
     return {name: _named_builder(name) for name in models}
 
@@ -285,7 +291,7 @@ def _check_settings(
     if not isinstance(device, (str, torch.device)):
         raise TypeError(f"{_CALLER}: expected device to be a str or a torch.device but got {device!r}")
     resolved = resolve_device(device, _CALLER)
-    folder = check_optional_path(cache_dir, "cache_dir", _CALLER)
+    folder = check_cache_dir(cache_dir, _CALLER)
     if not isinstance(progress, bool):
         raise TypeError(f"{_CALLER}: expected progress to be True or False but got {progress!r}")
     if max_images is not None:

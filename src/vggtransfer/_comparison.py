@@ -126,7 +126,7 @@ class Comparison:
         point per backbone. ``best.pt`` (written when some backbone completed) is a deployment
         checkpoint for :func:`load_model`: head only when its backbone can be rebuilt from
         pretrained weights, else the whole model. The folder is created; files in it of these
-        names are replaced.
+        names are replaced (and a ``best.pt`` removed when no backbone completed).
 
         Args:
             folder: Where to write them.
@@ -136,6 +136,7 @@ class Comparison:
 
         Raises:
             TypeError: ``folder`` is not a path.
+            ValueError: ``folder`` is empty, or an existing file.
             ModuleNotFoundError: matplotlib (the ``plots`` extra) is missing; nothing is written.
             FileNotFoundError: the best model's temporary checkpoint was deleted meanwhile.
         """
@@ -143,8 +144,11 @@ class Comparison:
             raise TypeError(
                 f"Comparison.save: expected folder to be a path (str or os.PathLike) but got {folder!r}"
             )
-        plt = pyplot("Comparison.save")  # before anything is written
         target = Path(folder)
+        if str(folder) == "" or (target.exists() and not target.is_dir()):
+            found = "an empty path" if str(folder) == "" else f"{str(target)!r}, which is a file"
+            raise ValueError(f"Comparison.save: expected folder to be a folder's path but got {found}")
+        plt = pyplot("Comparison.save")  # before anything is written
         checkpoint = self._checkpoint
         keep = checkpoint is not None and checkpoint.row is not None and self.best is not None
         if keep and checkpoint is not None and not checkpoint.path.is_file():
@@ -154,8 +158,9 @@ class Comparison:
             )
         target.mkdir(parents=True, exist_ok=True)
         report = {"best": self.best, "settings": self.settings, "rows": self.rows}
+        # Strict JSON: NaN and infinity (a diverged loss) become null; numpy numbers plain ones.
         (target / "comparison.json").write_text(
-            json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8"
+            json.dumps(_plain(report), indent=2, allow_nan=False, default=str) + "\n", encoding="utf-8"
         )
         (target / "comparison.md").write_text(self.to_markdown(), encoding="utf-8")
         points = [
@@ -171,10 +176,25 @@ class Comparison:
         plot_comparison(plt, points, self.best, failed, target / "comparison.png")
         if keep and checkpoint is not None:
             shutil.copyfile(checkpoint.path, target / "best.pt")
+        else:  # no best model: a best.pt from an earlier save would contradict comparison.json
+            (target / "best.pt").unlink(missing_ok=True)
         return target
 
     def __repr__(self) -> str:
         return f"Comparison({len(self.rows)} backbones, best={self.best!r})"
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with non-finite floats as None and numpy scalars as Python numbers, for JSON."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy and torch scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _format(value: Any, kind: str) -> str:

@@ -57,6 +57,7 @@ from ._transforms import ImageTransform
 __all__ = [
     "CacheMode",
     "FeatureCache",
+    "TRAINING_ROLES",
     "Verdict",
     "augmentable",
     "backbone_key",
@@ -165,7 +166,7 @@ def _transform_verdict(data: Any) -> Verdict:
         )
         return Verdict(
             "varies",
-            f"the transform {why}; pass cache_views=K to cache K augmented views of every image",
+            f"the transform {why}",
         )
     return Verdict(
         "unknown",
@@ -191,6 +192,17 @@ def augmentable(model: nn.Module, data: Any) -> bool:
         and _backbone_verdict(model).kind == "fixed"
         and _transform_verdict(data).kind != "fixed"
     )
+
+
+#: The roles that train, shuffled: those that ``cache_views`` serves.
+TRAINING_ROLES = ("fit(train)", "find_lr")
+
+
+def _with_hint(verdict: Verdict, what: str, model: nn.Module, data: Any) -> str | None:
+    """The verdict's reason, and for training data that views could cache, how to have them."""
+    if what in TRAINING_ROLES and augmentable(model, data) and verdict.kind == "varies":
+        return f"{verdict.reason}; pass cache_views=K to cache K augmented views of every image"
+    return verdict.reason
 
 
 def data_key(data: Any) -> str | None:
@@ -361,10 +373,11 @@ class FeatureCache:
                     f"pass its dataset and batch_size instead"
                 )
             raise ValueError(
-                f"{what}: cache_features=True, but {verdict.reason}; caching would change the results"
+                f"{what}: cache_features=True, but {_with_hint(verdict, what, model, data)}; caching "
+                f"would change the results"
             )
         if verdict.kind != "fixed" and self.mode == "auto":
-            self.report[what] = f"off: {verdict.reason}"
+            self.report[what] = f"off: {_with_hint(verdict, what, model, data)}"
             return None
         assert not isinstance(data, DataLoader)  # a DataLoader always "varies"
         stored, how = self._one_set(

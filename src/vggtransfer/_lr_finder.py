@@ -118,6 +118,11 @@ def check_range(
             f"{_CALLER}: expected end_lr to be greater than start_lr={start!r} (the rate rises from "
             f"start_lr to end_lr) but got end_lr={end!r}"
         )
+    if not math.isfinite(end / start):
+        raise ValueError(
+            f"{_CALLER}: expected end_lr / start_lr to be a finite ratio but {end!r} / {start!r} "
+            f"overflows; raise start_lr (the default is 1e-7) or lower end_lr"
+        )
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise TypeError(
             f"{_CALLER}: expected steps to be an int >= 2 but got {steps!r} ({type(steps).__name__})"

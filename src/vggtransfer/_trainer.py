@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ._arguments import check_epochs, check_optional_path, check_trainer_inputs
+from ._arguments import check_cache_dir, check_epochs, check_trainer_inputs
 from ._checkpoint import (
     EpochFiles,
     TrainingObjects,
@@ -132,7 +132,7 @@ class Trainer:
             model, optimizer=optimizer, lr=lr, loss_fn=loss_fn, scheduler=scheduler,
             class_names=class_names, transform=transform, seed=seed,
         )  # fmt: skip
-        folder = check_optional_path(cache_dir, "cache_dir", "Trainer")
+        folder = check_cache_dir(cache_dir, "Trainer")
         self._cache = FeatureCache(cache_features, folder, compile_features, cache_views, persist_cache)
         self.runtime = Runtime.start(
             device=device, precision=precision, channels_last=channels_last, compile_model=compile_model

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,6 +33,8 @@ def check_tta(value: object, caller: str, loss_fn: object = None) -> bool:
         TypeError: ``value`` is not a bool.
         ValueError: ``value`` is True and ``loss_fn`` is given but is not an ``nn.CrossEntropyLoss``.
     """
+    if isinstance(value, np.bool_):  # a numpy bool (from a config array) means the same
+        value = bool(value)
     if not isinstance(value, bool):
         raise TypeError(
             f"{caller}: expected tta to be True (average the original and the horizontally flipped "
