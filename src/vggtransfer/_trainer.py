@@ -372,7 +372,7 @@ class Trainer:
 
         Cached features are used when ``fit`` already computed them for this data, never
         computed just for this. ``tta=True`` scores the mean softmax of each image and its horizontal
-        flip, on the images; the loss is then -log of the true class's mean (needs cross-entropy).
+        flip, on the images; the loss is the cross-entropy of that mean (so it needs cross-entropy).
 
         Returns:
             ``{"loss", "accuracy", "count", "class_names", "confusion_matrix", "per_class"}``:
