@@ -11,7 +11,8 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from ._comparison_plot import plot_comparison, pyplot
+from ._comparison_plot import plot_comparison
+from ._plotting import pyplot
 
 __all__ = ["BestCheckpoint", "Comparison", "attach_checkpoint", "ranking_key"]
 

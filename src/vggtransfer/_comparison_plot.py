@@ -5,22 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_comparison", "pyplot"]
-
-
-def pyplot(caller: str) -> Any:
-    """Pyplot of matplotlib on the file-only Agg backend, or an error that says what to install."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: works without a display
-        import matplotlib.pyplot as plt
-    except ModuleNotFoundError:
-        raise ModuleNotFoundError(
-            f'{caller} needs matplotlib, which is not installed; install it with: pip install "vggtransfer[plots]"',
-            name="matplotlib",
-        ) from None
-    return plt
+__all__ = ["plot_comparison"]
 
 
 def plot_comparison(

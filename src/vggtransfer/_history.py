@@ -12,6 +12,8 @@ from typing import Any, overload
 
 from typing_extensions import Self
 
+from ._plotting import pyplot
+
 __all__ = ["History"]
 
 
@@ -111,17 +113,9 @@ class History:
             ModuleNotFoundError: matplotlib is not installed; the message says what to install.
             ValueError: the history is empty.
         """
-        try:
-            import matplotlib
+        plt = pyplot("History.plot")
+        from matplotlib.ticker import MaxNLocator
 
-            matplotlib.use("Agg")  # files only: works without a display
-            import matplotlib.pyplot as plt
-            from matplotlib.ticker import MaxNLocator
-        except ModuleNotFoundError:
-            raise ModuleNotFoundError(
-                'History.plot needs matplotlib, which is not installed; install it with: pip install "vggtransfer[plots]"',
-                name="matplotlib",
-            ) from None
         if not self.records:
             raise ValueError(
                 "History.plot: the history is empty; call it after Trainer.fit has finished an epoch"

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ._arguments import check_learning_rate, check_positive_int, check_workers
+from ._plotting import pyplot
 from ._progress import Progress
 from ._rng import capture_rng, epoch_rng, restore_rng
 from ._runtime import Runtime, unwrap
@@ -248,7 +249,7 @@ class LRFinder:
         points = [(lr, loss) for lr, loss in zip(self.lrs, self.smoothed, strict=True) if math.isfinite(loss)]
         if not points:
             raise ValueError("LRFinder.plot: no finite loss was recorded, so there is no curve to draw")
-        plt = _pyplot()
+        plt = pyplot("LRFinder.plot")
         lrs, smoothed = (list(values) for values in zip(*points, strict=True))
         raw = [(lr, loss) for lr, loss in zip(self.lrs, self.losses, strict=True) if math.isfinite(loss)]
         suggestion = self.suggestion
@@ -296,20 +297,6 @@ def _png_path(path: object) -> Path:
     if target.is_dir():
         raise ValueError(f"LRFinder.plot: expected path to be a file but {str(path)!r} is a folder")
     return target
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: works without a display
-        import matplotlib.pyplot as plt
-    except ModuleNotFoundError:
-        raise ModuleNotFoundError(
-            'LRFinder.plot needs matplotlib, which is not installed; install it with: pip install "vggtransfer[plots]"',
-            name="matplotlib",
-        ) from None
-    return plt
 
 
 class TrainingSnapshot:
