@@ -51,7 +51,7 @@ def test_bf16_on_a_native_or_unknown_cpu_is_silent(
 
 
 def test_auto_keeps_fp32_on_every_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    # bf16 for the frozen feature pass was measured 3x faster on an AMX Xeon but 40x slower on an
+    # bf16 for the frozen feature pass was measured 3x faster on a Xeon with native bf16 but 15-95x slower on an
     # AVX2 EPYC, and its accuracy on pretrained features is unverified: "auto" stays fp32 on CPUs.
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     assert trainer().precision.name == "fp32"

@@ -131,7 +131,7 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("Trainer: precision='fp16' needs a GPU; on the CPU use 'bf16' (autocast) or 'fp32'")
     if precision == "bf16" and device.type == "cpu" and cpu_has_native_bf16() is False:
-        # Measured on a 2-core AVX2 machine: VGG16_bn's feature pass ran 40x slower in bf16.
+        # Measured on a 2-core AVX2 machine: VGG16_bn's feature pass ran 15-95x slower in bf16.
         warnings.warn(
             "Trainer: precision='bf16' on a CPU without native bf16 arithmetic (no AVX512-BF16 or AMX "
             "in /proc/cpuinfo): torch emulates it, many times slower than fp32. HINT: use "
