@@ -418,7 +418,7 @@ BAD_ARGUMENTS = [
         ValueError,
         "compare_backbones: unknown architecture 'resnet81' in models; did you mean 'resnet18', 'resnet152', "
         "'resnet101'? "
-        "expected torchvision classification models (see vt.classification_models())",
+        "expected torchvision classification models (see vt.classification_models()) or 'timm:NAME'",
     ),
     (
         {"models": {1: toy}},
