@@ -860,3 +860,38 @@ def test_a_build_record_that_does_not_build_is_a_checkpoint_error(tmp_path: Path
             vt.CheckpointError, match=r"cannot rebuild the model of checkpoint .* from its build record \("
         ):
             vt.load_model(path)
+
+
+def test_load_model_takes_a_model_built_by_the_user(tmp_path: Path) -> None:
+    t = trainer(toy())  # a ToyVGG: no architecture record that load_model could rebuild from
+    t.fit(blobs(16), epochs=1, batch_size=8, num_workers=0)
+    path = t.save_checkpoint(tmp_path / "toy.pt", training_state=False)
+    with pytest.raises(vt.CheckpointError) as error:
+        vt.load_model(path)
+    assert (
+        "build that model yourself, with the same head, and pass it: vt.load_model(path, model=model)"
+        in str(error.value)
+    )
+    fresh = toy(seed=5)
+    loaded = vt.load_model(path, model=fresh)
+    assert loaded.model is fresh and not fresh.training
+    assert weights_equal(fresh, t.network) and loaded.class_names == ["cool", "warm"]
+
+
+def test_load_model_refuses_a_model_that_does_not_fit_and_leaves_it_unchanged(tmp_path: Path) -> None:
+    path = trainer(toy()).save_checkpoint(tmp_path / "toy.pt", training_state=False)
+    three = toy(num_classes=3)
+    before = {k: v.clone() for k, v in three.state_dict().items()}
+    with pytest.raises(vt.CheckpointError) as error:
+        vt.load_model(path, model=three)
+    assert str(error.value) == (
+        f"checkpoint {str(path)!r} has 2 classes ['cool', 'warm'] but this model has 3 outputs; build it "
+        f"with vt.replace_classifier(model, 2)"
+    )
+    assert all(torch.equal(before[k], v) for k, v in three.state_dict().items())
+    resnet = vt.replace_classifier(vt.create_model("resnet18", weights=None), 2)
+    with pytest.raises(vt.CheckpointError, match="missing|unexpected|does not fit"):
+        vt.load_model(path, model=resnet)
+    with pytest.raises(TypeError) as error:
+        vt.load_model(path, model="toy")  # type: ignore[arg-type]
+    assert str(error.value) == "load_model: expected model to be an nn.Module or None but got str"

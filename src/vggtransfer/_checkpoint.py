@@ -328,16 +328,22 @@ class LoadedModel(NamedTuple):
     transform: ImageTransform
 
 
-def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(
+    path: str | os.PathLike[str], *, model: nn.Module | None = None, device: str | torch.device = "cpu"
+) -> LoadedModel:
     """Load a checkpoint into a freshly built model, ready for inference.
 
     The model is rebuilt from the checkpoint's build record (architecture, head, freeze
     policy), so no training code or data is needed; a head-only checkpoint rebuilds the
     pretrained backbone (from torchvision's cache or the recorded local file) and checks its
-    fingerprint before attaching the head.
+    fingerprint before attaching the head. A model that vggtransfer did not build (your own
+    module, a factory's) has no record to rebuild from: build it again, with the same head,
+    and pass it as ``model``. It is checked against the checkpoint (architecture when both
+    record one, class count, every weight's name and shape) before anything is loaded into it.
 
     Args:
         path: A checkpoint written by :meth:`Trainer.save_checkpoint`.
+        model: The model to load into instead of rebuilding one; on any error it is unchanged.
         device: Where to put the model.
 
     Returns:
@@ -360,17 +366,12 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
         (['cat', 'dog'], 2, False)
     """
     target = resolve_device(device, "load_model")
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(
+            f"load_model: expected model to be an nn.Module or None but got {type(model).__name__}"
+        )
     data = read_checkpoint(path)
-    try:
-        network = rebuild_model(data["build"], pretrained=data["head_only"])
-    except WeightsNotAvailableError:
-        raise
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as exc:
-        # The build record is as hostile as the rest of the file: whatever building it raises.
-        raise CheckpointError(
-            f"cannot rebuild the model of checkpoint {str(path)!r} from its build record "
-            f"({type(exc).__name__}: {str(exc)[:200]})"
-        ) from None
+    network = model if model is not None else _rebuild(data, path)
     frozen = frozen_keys(network) if data["head_only"] else set()
     check_identity(data, network, None, source=str(path))
     check_model_state(data, network, frozen, source=str(path))
@@ -383,6 +384,20 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
     )
     names = data.get("class_names")
     return LoadedModel(network.to(target).eval(), list(names) if names else None, transform)
+
+
+def _rebuild(data: dict[str, Any], path: str | os.PathLike[str]) -> nn.Module:
+    """The model of the checkpoint's build record; a record that does not build is a damaged file."""
+    try:
+        return rebuild_model(data["build"], pretrained=data["head_only"])
+    except WeightsNotAvailableError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as exc:
+        # The build record is as hostile as the rest of the file: whatever building it raises.
+        raise CheckpointError(
+            f"cannot rebuild the model of checkpoint {str(path)!r} from its build record "
+            f"({type(exc).__name__}: {str(exc)[:300]})"
+        ) from None
 
 
 def _transform_of(data: dict[str, Any], source: str) -> ImageTransform | None:

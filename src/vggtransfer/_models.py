@@ -244,8 +244,8 @@ def rebuild_model(spec: dict[str, Any], *, pretrained: bool) -> nn.Module:
     if not isinstance(arch, str):
         raise ValueError(
             "the checkpoint does not say how its model was built (no 'arch' in its build record): "
-            "it was saved from a model not made by vt.create_model; build that model yourself and "
-            "use Trainer(model).load_checkpoint(path)"
+            "it was saved from a model not made by vt.create_model; build that model yourself, with "
+            "the same head, and pass it: vt.load_model(path, model=model)"
         )
     weights: Weights = None
     if pretrained:
