@@ -32,7 +32,6 @@ Each process trains on its share of every batch; the first one prints and writes
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -125,36 +124,21 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     return vt.replace_classifier(vt.freeze_features(model), 2)
 
 
-def dog_column(class_names: list[str]) -> int:
-    """Index of the 'dog' class, for Kaggle's label = probability of dog."""
-    for i, name in enumerate(class_names):
-        if name.lower().startswith("dog"):
-            return i
-    print(
-        f"warning: no class named dog in {class_names}; submission.csv gets the probability of {class_names[-1]!r}"
-    )
-    return len(class_names) - 1
-
-
 def write_submission(trainer: vt.Trainer, test_dir: Path, path: Path, batch_size: int) -> int:
     test = DogsVsCats(test_dir)
     if test.labelled:
         print(f"warning: {test_dir} has labels ({test.classes}); predicting for it anyway")
-    for bad in test.bad_files:
+    names = trainer.class_names or []
+    dog = next((name for name in names if name.lower().startswith("dog")), None)
+    if dog is None and names:
+        print(f"warning: no class named dog in {names}; submission.csv gets the probability of {names[-1]!r}")
+        dog = names[-1]
+    result = vt.write_kaggle_submission(
+        trainer, test, path, positive_class=dog or "dog", batch_size=batch_size
+    )
+    for bad in result.skipped:
         print(f"  skipped unreadable test file {bad.path}: {bad.reason}")
-    column = dog_column(trainer.class_names or [])
-    files = [p for p, _ in test.samples]
-    rows = []
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        for file, prediction in zip(chunk, trainer.predict(chunk), strict=True):
-            rows.append((file.stem, list(prediction.probabilities.values())[column]))
-    rows.sort(key=lambda row: (0, int(row[0])) if row[0].isdigit() else (1, row[0]))
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "label"])
-        writer.writerows((ident, f"{p:.6f}") for ident, p in rows)
-    return len(rows)
+    return result.rows
 
 
 def say(*values: Any, **options: Any) -> None:

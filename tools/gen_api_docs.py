@@ -82,6 +82,8 @@ ORDER = [
     "Comparison",
     "load_model",
     "LoadedModel",
+    "write_kaggle_submission",
+    "Submission",
     "CheckpointError",
     "FORMAT_VERSION",
     "build_spec",

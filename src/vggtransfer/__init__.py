@@ -32,6 +32,7 @@ from ._lr_finder import LRFinder
 from ._models import WeightsNotAvailableError, cached_weights_path, classification_models, create_model
 from ._predict import Prediction
 from ._spec import build_spec
+from ._submission import Submission, write_kaggle_submission
 from ._trainer import Trainer
 from ._transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, imagenet_transform, unnormalize
 
@@ -55,6 +56,7 @@ __all__ = [
     "LRFinder",
     "LoadedModel",
     "Prediction",
+    "Submission",
     "Trainer",
     "WeightsNotAvailableError",
     "__version__",
@@ -74,4 +76,5 @@ __all__ = [
     "to_rgb",
     "unfreeze_features",
     "unnormalize",
+    "write_kaggle_submission",
 ]

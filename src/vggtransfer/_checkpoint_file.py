@@ -30,7 +30,7 @@ import os
 import pickle
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "atomic_save",
+    "atomic_write_text",
     "check_finite",
     "non_finite_entries",
     "read_checkpoint",
@@ -75,24 +76,38 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
         OSError: the folder cannot be written, or the disk is full (``errno.ENOSPC``, with the
             path and the space needed in the message).
     """
-    path = Path(path)
+
+    def write(raw: Any) -> None:
+        file = _Recording(raw)
+        try:
+            torch.save(obj, file)  # type: ignore[arg-type]  # a file-like writer
+        except RuntimeError:
+            # torch reports a failed write as "unexpected pos"; the file's own OSError says why.
+            if file.error is not None:
+                raise file.error from None
+            raise
+
+    return _atomic_write(Path(path), write, "a checkpoint", lambda: _tensor_bytes(obj))
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) so that ``path`` always holds a complete file, as :func:`atomic_save`."""
+    data = text.encode("utf-8")
+    return _atomic_write(Path(path), lambda raw: raw.write(data), "a file", lambda: len(data))
+
+
+def _atomic_write(path: Path, write: Callable[[Any], Any], what: str, size: Callable[[], int]) -> Path:
+    """Write through ``write(file)`` into a temporary file, then replace ``path`` with it."""
     if path.exists() and not path.is_file():  # a folder, a FIFO, /dev/null: never replaced by a file
         raise FileExistsError(
             errno.EEXIST,
-            f"{str(path)!r} exists and is not a regular file; refusing to replace it with a checkpoint",
+            f"{str(path)!r} exists and is not a regular file; refusing to replace it with {what}",
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as raw:
-            file = _Recording(raw)
-            try:
-                torch.save(obj, file)  # type: ignore[arg-type]  # a file-like writer
-            except RuntimeError:
-                # torch reports a failed write as "unexpected pos"; the file's own OSError says why.
-                if file.error is not None:
-                    raise file.error from None
-                raise
+            write(raw)
             raw.flush()
             os.fsync(raw.fileno())
         # mkstemp creates the file readable by its owner only; give it the usual permissions.
@@ -106,7 +121,7 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OSError(
                 exc.errno,
-                f"no space left to write {str(path)!r}: it needs about {_tensor_bytes(obj) / 1e6:.1f} MB "
+                f"no space left to write {str(path)!r}: it needs about {size() / 1e6:.1f} MB "
                 f"and {shutil.disk_usage(path.parent).free / 1e6:.1f} MB are free. The previous file "
                 f"is kept and no partial file was left; free some space or save elsewhere",
             ) from None
