@@ -1,0 +1,188 @@
+"""The ``vggtransfer`` command: ``scan`` a folder of images, ``predict`` with a checkpoint.
+
+Each subcommand is a small function over the library's public API. A mistake in what the user
+typed (an unknown option, a path that does not exist, a checkpoint that does not load) prints
+one line, ``vggtransfer <command>: error: ...``, and exits 2 without a traceback; a failure
+while working exits 1; success exits 0. The last lines printed say where every output is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from ._checkpoint import load_model
+from ._checkpoint_file import CheckpointError, atomic_write_text
+from ._heads import output_count
+from ._models import WeightsNotAvailableError
+from ._sources import default_workers
+from ._trainer import Trainer
+from .data import ImageList, scan_images
+
+__all__ = ["UsageError", "main"]
+
+#: Image file suffixes that ``predict`` collects from folders and globs.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class UsageError(Exception):
+    """What the user typed cannot be run: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` instead of printing usage and exiting."""
+
+    def error(self, message: str) -> Any:
+        raise UsageError(message)
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="vggtransfer", description="Transfer learning with torchvision models.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    scan = commands.add_parser("scan", help="list the images of a folder that cannot be used, and why")
+    scan.add_argument("data", type=Path, metavar="DATA", help="a folder of images (searched recursively)")
+    scan.add_argument("--workers", type=int, default=None, help="decoding threads (default: one per core)")
+    predict = commands.add_parser("predict", help="classify images with a checkpoint; write a CSV")
+    predict.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
+    predict.add_argument("--top-k", type=int, default=1, help="also write the k most probable classes")
+    predict.add_argument("--csv", type=Path, default=Path("predictions.csv"), help="the CSV to write")
+    predict.add_argument("--tta", action="store_true", help="average each image with its mirror image")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--device", default="auto")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status.
+
+    Example:
+        >>> from vggtransfer._cli import main
+        >>> main(["predict"])
+        2
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    # Errors name the subcommand, also those argparse finds before it knows which one it is.
+    where = f"vggtransfer {argv[0]}" if argv and argv[0] in _COMMANDS else "vggtransfer"
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return int(_COMMANDS[args.command](args))
+    except UsageError as error:
+        print(f"{where}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vggtransfer: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # a failure while working: one line, no traceback
+        print(f"{where}: failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+def _scan(args: argparse.Namespace) -> int:
+    if not args.data.is_dir():
+        raise UsageError(f"DATA {str(args.data)!r} is not a folder")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"expected --workers to be 1 or more but got {args.workers}")
+    report = scan_images(args.data, workers=args.workers, progress=True)
+    print(report)
+    return 0
+
+
+def collect_images(patterns: Sequence[str]) -> list[Path]:
+    """The image files named by ``patterns``: files, folders (recursive, sorted) and globs.
+
+    Raises:
+        UsageError: a pattern names nothing, or nothing at all was found.
+    """
+    found: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif glob.has_magic(pattern):
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+            if not matches:
+                raise UsageError(f"PATH {pattern!r} matches no file")
+            found += [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        else:
+            raise UsageError(f"PATH {pattern!r} is not a file, a folder or a glob that matches")
+    unique = list(dict.fromkeys(found))  # the same file named twice is predicted once
+    if not unique:
+        raise UsageError(f"found no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(patterns)}")
+    return unique
+
+
+def _load(args: argparse.Namespace) -> Any:
+    if not args.checkpoint.is_file():
+        raise UsageError(f"CHECKPOINT {str(args.checkpoint)!r} is not a file")
+    try:
+        return load_model(args.checkpoint, device="cpu")
+    except (CheckpointError, WeightsNotAvailableError) as error:
+        raise UsageError(str(error)) from None
+
+
+def _predict(args: argparse.Namespace) -> int:
+    if args.top_k < 1:
+        raise UsageError(f"expected --top-k to be 1 or more but got {args.top_k}")
+    if args.batch_size < 1:
+        raise UsageError(f"expected --batch-size to be 1 or more but got {args.batch_size}")
+    files = collect_images(args.paths)
+    model, class_names, transform = _load(args)
+    names = class_names or [str(i) for i in range(_outputs(model))]
+    if args.top_k > len(names):
+        raise UsageError(f"expected --top-k to be at most the {len(names)} classes but got {args.top_k}")
+    trainer = Trainer(model, device=args.device, class_names=names, transform=transform, progress=False)
+    # Unreadable files are found first, named and skipped, rather than failing a batch.
+    report = scan_images(files, progress=len(files) > 1000)
+    images = ImageList([(path, 0) for path in report.good], names, transform=transform)
+    rows = _rows(trainer, images, args)
+    atomic_write_text(args.csv, _csv(rows, args.top_k))
+    for bad in report.bad:
+        print(f"skipped {bad.path}: {bad.reason}")
+    print(f"predicted {len(rows)} images ({len(report.bad)} skipped); wrote {args.csv}")
+    return 0
+
+
+def _outputs(model: Any) -> int:
+    return output_count(model, "vggtransfer predict")
+
+
+def _rows(trainer: Any, images: Any, args: argparse.Namespace) -> list[tuple[str, list[tuple[str, float]]]]:
+    """``(path, [(class, probability), ...] most probable first)`` for every image."""
+    loader = DataLoader(images, batch_size=args.batch_size, num_workers=min(default_workers(), 8))
+    rows, start = [], 0
+    for batch, _ in loader:
+        for prediction in trainer.predict(batch, tta=args.tta):
+            ranked = sorted(prediction.probabilities.items(), key=lambda item: -item[1])
+            rows.append((str(images.samples[start][0]), ranked[: args.top_k]))
+            start += 1
+    return rows
+
+
+def _csv(rows: list[tuple[str, list[tuple[str, float]]]], top_k: int) -> str:
+    header = ["path", "label", "probability"]
+    for rank in range(2, top_k + 1):
+        header += [f"label_{rank}", f"probability_{rank}"]
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    for path, ranked in rows:
+        writer.writerow([path, *(value for label, p in ranked for value in (label, f"{p:.6f}"))])
+    return text.getvalue()
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"scan": _scan, "predict": _predict}

@@ -1,0 +1,157 @@
+"""The vggtransfer command: scan and predict, their outputs, and every error's message and status."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import photos
+import vggtransfer as vt
+from vggtransfer._cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A resnet18 (random weights, rebuildable from its record) with a cat/dog head, 32 px; read only."""
+    tmp_path = tmp_path_factory.mktemp("checkpoint")
+    torch.manual_seed(0)
+    model = vt.replace_classifier(vt.create_model("resnet18", weights=None), 2)
+    trainer = vt.Trainer(
+        model,
+        device="cpu",
+        progress=False,
+        class_names=["cat", "dog"],
+        transform=vt.imagenet_transform(size=32),
+    )
+    return trainer.save_checkpoint(tmp_path / "model.pt", training_state=False)
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """Two class folders of photos and one broken file."""
+    photos.class_folders(tmp_path / "images", {"cats": 3, "dogs": 2})
+    (tmp_path / "images" / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    return tmp_path / "images"
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    status = main(argv)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_predict_writes_one_row_per_image_with_top_k(
+    checkpoint: Path, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "predictions.csv"
+    single = next((images / "cats").iterdir())
+    argv = ["predict", str(checkpoint), str(images / "cats"), str(images / "dogs" / "*.jpg"), str(single)]
+    status, printed, _ = _run([*argv, "--top-k", "2", "--csv", str(out)], capsys)
+    assert status == 0
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["path", "label", "probability", "label_2", "probability_2"]
+    assert len(rows) == 1 + 5  # 3 cats and 2 dogs; the file named twice once; the broken one skipped
+    assert "skipped " + str(images / "dogs" / "broken.jpg") in printed
+    assert printed.strip().splitlines()[-1] == f"predicted 5 images (1 skipped); wrote {out}"
+    model, names, transform = vt.load_model(checkpoint)
+    reference = vt.Trainer(model, device="cpu", progress=False, class_names=names, transform=transform)
+    for path, label, p, label_2, p_2 in rows[1:]:
+        expected = reference.predict(path)
+        assert label == expected.label and {label, label_2} == {"cat", "dog"}
+        assert float(p) == pytest.approx(expected.probabilities[label], abs=1e-5)
+        assert float(p) >= float(p_2) and float(p) + float(p_2) == pytest.approx(1, abs=1e-5)
+
+
+def test_predict_with_tta_averages_each_image_with_its_mirror(
+    checkpoint: Path, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "tta.csv"
+    assert (
+        _run(["predict", str(checkpoint), str(images / "cats"), "--tta", "--csv", str(out)], capsys)[0] == 0
+    )
+    model, names, transform = vt.load_model(checkpoint)
+    reference = vt.Trainer(model, device="cpu", progress=False, class_names=names, transform=transform)
+    for path, label, p in list(csv.reader(out.open()))[1:]:
+        assert float(p) == pytest.approx(reference.predict(path, tta=True).probabilities[label], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["predict"], "vggtransfer predict: error: the following arguments are required: CHECKPOINT, PATH"),
+        (
+            ["predict", "{missing}", "{images}"],
+            "vggtransfer predict: error: CHECKPOINT '{missing}' is not a file",
+        ),
+        (
+            ["predict", "{checkpoint}", "{tmp}/nothing"],
+            "vggtransfer predict: error: PATH '{tmp}/nothing' is not a file, a folder or a glob that matches",
+        ),
+        (
+            ["predict", "{checkpoint}", "{tmp}/*.png"],
+            "vggtransfer predict: error: PATH '{tmp}/*.png' matches no file",
+        ),
+        (
+            ["predict", "{checkpoint}", "{images}", "--top-k", "3"],
+            "vggtransfer predict: error: expected --top-k to be at most the 2 classes but got 3",
+        ),
+        (
+            ["predict", "{checkpoint}", "{images}", "--top-k", "0"],
+            "vggtransfer predict: error: expected --top-k to be 1 or more but got 0",
+        ),
+        (
+            ["predict", "{notckpt}", "{images}"],
+            "vggtransfer predict: error: '{notckpt}' is not a vggtransfer checkpoint: it is a text file",
+        ),
+        (["scan", "{missing}"], "vggtransfer scan: error: DATA '{missing}' is not a folder"),
+        (
+            ["train", "x"],
+            "vggtransfer: error: argument COMMAND: invalid choice: 'train'",  # then the choices, quoted per Python version
+        ),
+    ],
+)
+def test_usage_errors_print_one_line_and_exit_2(
+    argv: list[str],
+    message: str,
+    checkpoint: Path,
+    images: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "predictions.csv").write_text("mine\n")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    names = {
+        "missing": str(tmp_path / "missing"), "images": str(images), "checkpoint": str(checkpoint),
+        "tmp": str(tmp_path), "notckpt": str(tmp_path / "notes.pt"),
+    }  # fmt: skip
+    status, _, err = _run(
+        [part.format(**names) for part in argv]
+        + ["--csv", str(tmp_path / "predictions.csv")] * (argv[0] == "predict" and len(argv) > 1),
+        capsys,
+    )
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith(message.format(**names))
+    assert "Traceback" not in err
+    assert (tmp_path / "predictions.csv").read_text() == "mine\n"  # nothing written
+
+
+def test_scan_lists_the_bad_files(images: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, printed, _ = _run(["scan", str(images)], capsys)
+    assert status == 0
+    assert printed.splitlines()[0] == "5 good images, 1 bad files"
+    assert str(images / "dogs" / "broken.jpg") in printed
+
+
+def test_python_dash_m_runs_the_same_command(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "vggtransfer", "scan", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr == f"vggtransfer scan: error: DATA {str(tmp_path / 'missing')!r} is not a folder\n"
