@@ -155,3 +155,28 @@ def test_python_dash_m_runs_the_same_command(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr == f"vggtransfer scan: error: DATA {str(tmp_path / 'missing')!r} is not a folder\n"
+
+
+def test_predict_writes_a_kaggle_submission_for_a_test_folder(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photos.kaggle_test(tmp_path / "test1", [photos.CAT, photos.DOG, photos.DOG])
+    argv = ["predict", str(checkpoint), str(tmp_path / "test1"), "--csv", str(tmp_path / "p.csv")]
+    status, printed, _ = _run([*argv, "--kaggle-submission", str(tmp_path / "submission.csv")], capsys)
+    assert status == 0
+    rows = list(csv.reader((tmp_path / "submission.csv").open()))
+    assert rows[0] == ["id", "label"] and [r[0] for r in rows[1:]] == ["1", "2", "3"]
+    predicted = {
+        Path(r[0]).stem: float(r[2]) if r[1] == "dog" else 1 - float(r[2])
+        for r in list(csv.reader((tmp_path / "p.csv").open()))[1:]
+    }
+    assert all(float(p) == pytest.approx(predicted[i], abs=2e-6) for i, p in rows[1:])
+    assert printed.strip().splitlines()[-1] == (
+        f"wrote the Kaggle submission {tmp_path / 'submission.csv'} (3 rows, label = P(dog))"
+    )
+    status, _, err = _run(
+        [*argv, str(tmp_path / "p.csv"), "--kaggle-submission", str(tmp_path / "s.csv")], capsys
+    )
+    assert status == 2 and err == (
+        "vggtransfer predict: error: --kaggle-submission needs PATH to be one folder: Kaggle's test1/\n"
+    )

@@ -24,6 +24,7 @@ from ._checkpoint_file import CheckpointError, atomic_write_text
 from ._heads import output_count
 from ._models import WeightsNotAvailableError
 from ._sources import default_workers
+from ._submission import write_kaggle_submission
 from ._trainer import Trainer
 from .data import ImageList, scan_images
 
@@ -56,6 +57,12 @@ def _parser() -> _Parser:
     predict.add_argument("--top-k", type=int, default=1, help="also write the k most probable classes")
     predict.add_argument("--csv", type=Path, default=Path("predictions.csv"), help="the CSV to write")
     predict.add_argument("--tta", action="store_true", help="average each image with its mirror image")
+    predict.add_argument(
+        "--kaggle-submission",
+        type=Path,
+        metavar="FILE",
+        help="also write Kaggle's id,label for one test folder",
+    )
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--device", default="auto")
     return parser
@@ -140,6 +147,8 @@ def _predict(args: argparse.Namespace) -> int:
         raise UsageError(f"expected --top-k to be 1 or more but got {args.top_k}")
     if args.batch_size < 1:
         raise UsageError(f"expected --batch-size to be 1 or more but got {args.batch_size}")
+    if args.kaggle_submission is not None and not (len(args.paths) == 1 and Path(args.paths[0]).is_dir()):
+        raise UsageError("--kaggle-submission needs PATH to be one folder: Kaggle's test1/")
     files = collect_images(args.paths)
     model, class_names, transform = _load(args)
     names = class_names or [str(i) for i in range(_outputs(model))]
@@ -154,6 +163,14 @@ def _predict(args: argparse.Namespace) -> int:
     for bad in report.bad:
         print(f"skipped {bad.path}: {bad.reason}")
     print(f"predicted {len(rows)} images ({len(report.bad)} skipped); wrote {args.csv}")
+    if args.kaggle_submission is not None:
+        dog = next((name for name in names if name.lower() in ("dog", "dogs")), None)
+        if dog is None:
+            raise UsageError(f"--kaggle-submission needs a class named dog, but the classes are {names}")
+        submission = write_kaggle_submission(
+            trainer, Path(args.paths[0]), args.kaggle_submission, positive_class=dog
+        )
+        print(f"wrote the Kaggle submission {submission.path} ({submission.rows} rows, label = P({dog}))")
     return 0
 
 
