@@ -174,9 +174,8 @@ def test_predict_writes_a_kaggle_submission_for_a_test_folder(
     assert printed.strip().splitlines()[-1] == (
         f"wrote the Kaggle submission {tmp_path / 'submission.csv'} (3 rows, label = P(dog))"
     )
-    status, _, err = _run(
-        [*argv, str(tmp_path / "p.csv"), "--kaggle-submission", str(tmp_path / "s.csv")], capsys
-    )
+    two = ["predict", str(checkpoint), str(tmp_path / "test1"), str(tmp_path / "test1" / "1.jpg")]
+    status, _, err = _run([*two, "--kaggle-submission", str(tmp_path / "s.csv")], capsys)
     assert status == 2 and err == (
         "vggtransfer predict: error: --kaggle-submission needs PATH to be one folder: Kaggle's test1/\n"
     )
