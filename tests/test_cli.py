@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -178,4 +179,29 @@ def test_predict_writes_a_kaggle_submission_for_a_test_folder(
     status, _, err = _run([*two, "--kaggle-submission", str(tmp_path / "s.csv")], capsys)
     assert status == 2 and err == (
         "vggtransfer predict: error: --kaggle-submission needs PATH to be one folder: Kaggle's test1/\n"
+    )
+
+
+def test_compare_ranks_backbones_into_numbered_run_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VGGTRANSFER_CACHE", str(tmp_path / "cache"))
+    photos.class_folders(tmp_path / "pets", {"cats": 5, "dogs": 5})
+    argv = ["compare", "pets", "--arch", "squeezenet1_1", "shufflenet_v2_x0_5", "--weights", "none"]
+    argv += ["--epochs", "2", "--batch-size", "4", "--device", "cpu"]
+    status, printed, _ = _run(argv, capsys)
+    assert status == 0
+    assert printed.strip().splitlines()[-1] == (
+        f"wrote {Path('runs/compare/comparison.md')}, comparison.json, comparison.png, best.pt"
+    )
+    report = json.loads((tmp_path / "runs" / "compare" / "comparison.json").read_text())
+    assert [row["name"] for row in report["rows"]] == ["squeezenet1_1", "shufflenet_v2_x0_5"]
+    assert all(row["error"] is None and row["cache"]["fit(train)"] == "on" for row in report["rows"])
+    assert _run(argv, capsys)[0] == 0  # a second run: its own folder, the features from disk
+    again = json.loads((tmp_path / "runs" / "compare2" / "comparison.json").read_text())
+    assert all(row["cache"]["fit(train)"] == "on (from disk)" for row in again["rows"])
+    status, _, err = _run(["compare", "pets", "--arch", "resnet81", "--weights", "none"], capsys)
+    assert status == 2 and err.startswith(
+        "vggtransfer compare: error: compare_backbones: unknown architecture"
     )

@@ -1,4 +1,4 @@
-"""The ``vggtransfer`` command: ``scan`` a folder of images, ``predict`` with a checkpoint.
+"""The ``vggtransfer`` command: ``scan`` a folder, ``predict`` with a checkpoint, ``compare`` backbones.
 
 Each subcommand is a small function over the library's public API. A mistake in what the user
 typed (an unknown option, a path that does not exist, a checkpoint that does not load) prints
@@ -17,16 +17,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Subset
 
 from ._checkpoint import load_model
 from ._checkpoint_file import CheckpointError, atomic_write_text
+from ._compare import check_model_names, compare_backbones
 from ._heads import output_count
-from ._models import WeightsNotAvailableError
+from ._models import WeightsNotAvailableError, create_model
 from ._sources import default_workers
 from ._submission import write_kaggle_submission
 from ._trainer import Trainer
-from .data import ImageList, scan_images
+from .data import DogsVsCats, ImageList, scan_images, stratified_split
 
 __all__ = ["UsageError", "main"]
 
@@ -65,7 +67,35 @@ def _parser() -> _Parser:
     )
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--device", default="auto")
+    compare = commands.add_parser(
+        "compare", help="train the same head on several frozen backbones; rank them"
+    )
+    compare.add_argument(
+        "data", type=Path, metavar="DATA", help="class folders, Kaggle's train/ or PetImages"
+    )
+    compare.add_argument("--arch", nargs="+", required=True, metavar="SPEC", help="torchvision or timm:NAME")
+    compare.add_argument("--weights", default="DEFAULT", help="DEFAULT (pretrained) or none (random, seeded)")
+    compare.add_argument(
+        "--val", type=Path, default=None, help="validation folder (default: a split of DATA)"
+    )
+    compare.add_argument("--val-split", type=float, default=0.2, help="share of DATA for validation")
+    compare.add_argument("--epochs", type=int, default=10)
+    compare.add_argument("--lr", type=float, default=1e-3)
+    compare.add_argument("--batch-size", type=int, default=32)
+    compare.add_argument("--max-images", type=int, default=None)
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--device", default="auto")
+    compare.add_argument("--out", type=Path, default=None, help="default: runs/compare, runs/compare2, ...")
     return parser
+
+
+def run_folder(base: Path) -> Path:
+    """``base`` if it does not exist yet, else ``base2``, ``base3``, ...: a run never overwrites another."""
+    candidate, number = base, 1
+    while candidate.exists():
+        number += 1
+        candidate = base.with_name(f"{base.name}{number}")
+    return candidate
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,4 +232,61 @@ def _csv(rows: list[tuple[str, list[tuple[str, float]]]], top_k: int) -> str:
     return text.getvalue()
 
 
-_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"scan": _scan, "predict": _predict}
+def _compare(args: argparse.Namespace) -> int:
+    if not args.data.is_dir():
+        raise UsageError(f"DATA {str(args.data)!r} is not a folder")
+    if args.weights.lower() not in ("default", "none"):
+        raise UsageError(f"expected --weights to be DEFAULT or none but got {args.weights!r}")
+    if args.val is not None and not args.val.is_dir():
+        raise UsageError(f"--val {str(args.val)!r} is not a folder")
+    if not 0 < args.val_split < 1:
+        raise UsageError(f"expected --val-split to be between 0 and 1 but got {args.val_split}")
+    try:
+        check_model_names(args.arch)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    train, val = _train_and_val(args)
+    models: Any = (
+        args.arch if args.weights.lower() == "default" else {a: _seeded(a, args.seed) for a in args.arch}
+    )
+    try:
+        comparison = compare_backbones(
+            train, val, models, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+            device=args.device, max_images=args.max_images,
+        )  # fmt: skip
+    except (ValueError, TypeError) as error:  # an argument or the data: checked before any backbone
+        raise UsageError(str(error)) from None
+    folder = comparison.save(args.out if args.out is not None else run_folder(Path("runs") / "compare"))
+    print(comparison.to_markdown())
+    print(
+        f"wrote {folder / 'comparison.md'}, comparison.json, comparison.png"
+        + (", best.pt" if comparison.best else "")
+    )
+    return 0 if comparison.best is not None else 1
+
+
+def _train_and_val(args: argparse.Namespace) -> tuple[Any, Any]:
+    """DATA and --val, or a seeded stratified split of DATA; read as DogsVsCats layouts."""
+    try:
+        data = DogsVsCats(args.data, progress=False)
+        if args.val is not None:
+            return data, DogsVsCats(args.val, progress=False)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
+    split = stratified_split(data, args.val_split, seed=args.seed)
+    return Subset(data, list(split.train)), Subset(data, list(split.val))
+
+
+def _seeded(arch: str, seed: int) -> Callable[[], Any]:
+    def build() -> Any:
+        torch.manual_seed(seed)  # the same random weights every run, so the disk cache finds them again
+        return create_model(arch, weights=None)
+
+    return build
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "scan": _scan,
+    "predict": _predict,
+    "compare": _compare,
+}

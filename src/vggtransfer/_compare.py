@@ -43,7 +43,7 @@ from ._timm import TIMM_PREFIX, check_timm_arch
 from ._trainer import Trainer
 from ._transforms import default_transform
 
-__all__ = ["compare_backbones"]
+__all__ = ["check_model_names", "compare_backbones"]
 
 _CALLER = "compare_backbones"
 
@@ -206,9 +206,19 @@ def _check_models(models: object) -> dict[str, Callable[[], nn.Module]]:
                 f"{_CALLER}: expected every name in models to be a str such as 'resnet50' but got "
                 f"{name!r} ({type(name).__name__}); for your own models pass a dict from name to model"
             )
-    _refuse_repeats(list(models))
+    check_model_names(list(models))
+    return {name: _named_builder(name) for name in models}
+
+
+def check_model_names(names: list[str]) -> None:
+    """Names that ``create_model`` can build (torchvision's, or ``timm:`` ones), none twice.
+
+    Raises:
+        ValueError: a repeated or unknown name, with the closest known ones.
+    """
+    _refuse_repeats(names)
     known = classification_models()
-    for name in models:
+    for name in names:
         if name.startswith(TIMM_PREFIX):
             try:
                 check_timm_arch(name)  # unknown names and tags now, before any backbone is built
@@ -221,7 +231,6 @@ def _check_models(models: object) -> dict[str, Callable[[], nn.Module]]:
                 f"{_CALLER}: unknown architecture {name!r} in models; {hint}expected torchvision "
                 f"classification models (see vt.classification_models()) or 'timm:NAME'"
             )
-    return {name: _named_builder(name) for name in models}
 
 
 def _check_mapping(models: Mapping[Any, Any]) -> dict[str, Callable[[], nn.Module]]:
