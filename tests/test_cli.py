@@ -111,6 +111,11 @@ def test_predict_with_tta_averages_each_image_with_its_mirror(
         ),
         (["scan", "{missing}"], "vggtransfer scan: error: DATA '{missing}' is not a folder"),
         (
+            ["predict", "{checkpoint}", "{images}", "--device", "gpu"],
+            "vggtransfer predict: error: expected --device to be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or a "
+            "torch.device but got 'gpu'",
+        ),
+        (
             ["train", "x"],
             "vggtransfer: error: argument COMMAND: invalid choice: 'train'",  # then the choices, quoted per Python version
         ),

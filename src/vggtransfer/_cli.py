@@ -184,7 +184,10 @@ def _predict(args: argparse.Namespace) -> int:
     names = class_names or [str(i) for i in range(_outputs(model))]
     if args.top_k > len(names):
         raise UsageError(f"expected --top-k to be at most the {len(names)} classes but got {args.top_k}")
-    trainer = Trainer(model, device=args.device, class_names=names, transform=transform, progress=False)
+    try:
+        trainer = Trainer(model, device=args.device, class_names=names, transform=transform, progress=False)
+    except (ValueError, TypeError) as error:  # --device names no device here
+        raise UsageError(str(error).replace("Trainer: expected device", "expected --device")) from None
     # Unreadable files are found first, named and skipped, rather than failing a batch.
     report = scan_images(files, progress=len(files) > 1000)
     images = ImageList([(path, 0) for path in report.good], names, transform=transform)
