@@ -18,6 +18,7 @@ from ._compare import compare_backbones
 from ._comparison import Comparison
 from ._distributed import is_main_process
 from ._early_stopping import EarlyStopping
+from ._evaluation import Evaluation, SampleResult, evaluate_samples
 from ._freeze import BatchNormPolicy, feature_extractor, freeze_features, unfreeze_features
 from ._heads import (
     HEAD_ATTRIBUTES,
@@ -31,6 +32,7 @@ from ._images import to_rgb
 from ._lr_finder import LRFinder
 from ._models import WeightsNotAvailableError, cached_weights_path, classification_models, create_model
 from ._predict import Prediction
+from ._report import write_report
 from ._spec import build_spec
 from ._trainer import Trainer
 from ._transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, imagenet_transform, unnormalize
@@ -50,11 +52,13 @@ __all__ = [
     "CheckpointError",
     "Comparison",
     "EarlyStopping",
+    "Evaluation",
     "History",
     "ImageTransform",
     "LRFinder",
     "LoadedModel",
     "Prediction",
+    "SampleResult",
     "Trainer",
     "WeightsNotAvailableError",
     "__version__",
@@ -64,6 +68,7 @@ __all__ = [
     "classification_models",
     "compare_backbones",
     "create_model",
+    "evaluate_samples",
     "feature_extractor",
     "find_classifier",
     "freeze_features",
@@ -74,4 +79,5 @@ __all__ = [
     "to_rgb",
     "unfreeze_features",
     "unnormalize",
+    "write_report",
 ]
