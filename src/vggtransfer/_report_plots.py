@@ -28,7 +28,7 @@ def plot_confusion(evaluation: Evaluation, f: IO[bytes]) -> None:
     fractions = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
     n = len(names)
     side = min(max(4.5, 0.32 * n + 2.5), 16.0)  # a cell stays readable from 2 to ~40 classes
-    font = 10 if n <= 10 else (7 if n <= 20 else 5)
+    font = 10 if n <= 10 else (8 if n <= 20 else 7)
     figure, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side + 0.6), constrained_layout=True)
     for ax, values, title, fmt in (
         (axes[0], counts, "Counts", "d"),
