@@ -18,6 +18,7 @@ from ._compare import compare_backbones
 from ._comparison import Comparison
 from ._distributed import is_main_process
 from ._early_stopping import EarlyStopping
+from ._evaluation import Evaluation, SampleResult, evaluate_samples
 from ._freeze import BatchNormPolicy, feature_extractor, freeze_features, unfreeze_features
 from ._heads import (
     HEAD_ATTRIBUTES,
@@ -31,6 +32,7 @@ from ._images import to_rgb
 from ._lr_finder import LRFinder
 from ._models import WeightsNotAvailableError, cached_weights_path, classification_models, create_model
 from ._predict import Prediction
+from ._report import write_report
 from ._spec import build_spec
 from ._submission import Submission, write_kaggle_submission
 from ._trainer import Trainer
@@ -51,11 +53,13 @@ __all__ = [
     "CheckpointError",
     "Comparison",
     "EarlyStopping",
+    "Evaluation",
     "History",
     "ImageTransform",
     "LRFinder",
     "LoadedModel",
     "Prediction",
+    "SampleResult",
     "Submission",
     "Trainer",
     "WeightsNotAvailableError",
@@ -66,6 +70,7 @@ __all__ = [
     "classification_models",
     "compare_backbones",
     "create_model",
+    "evaluate_samples",
     "feature_extractor",
     "find_classifier",
     "freeze_features",
@@ -77,4 +82,5 @@ __all__ = [
     "unfreeze_features",
     "unnormalize",
     "write_kaggle_submission",
+    "write_report",
 ]

@@ -66,7 +66,7 @@ class RunningMean:
 
 
 class ConfusionMatrix:
-    """Counts of (true class, predicted class) pairs, with per-class precision and recall."""
+    """Counts of (true class, predicted class) pairs, with per-class precision, recall and F1."""
 
     def __init__(self, num_classes: int, device: torch.device) -> None:
         self.num_classes = num_classes
@@ -79,20 +79,30 @@ class ConfusionMatrix:
         self.counts += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, -1)
 
     def report(self, class_names: Sequence[str]) -> dict[str, Any]:
-        """The matrix as nested lists (rows: true class) and per-class precision, recall, support.
+        """The matrix (rows: true class), per-class precision, recall, F1, support, and balanced accuracy.
 
-        Precision and recall of a class that was never predicted, or never present, are 0.0.
+        Precision and recall of a class that was never predicted, or never present, are 0.0, and
+        so is F1 when precision + recall is 0. Balanced accuracy is the mean recall over the
+        classes present in the data (support > 0): a class with no samples has no recall to
+        average, so it is left out rather than counted as 0. It is NaN when no sample was seen.
         """
         counts = self.counts.cpu()
         true_positives = counts.diagonal()
         predicted = counts.sum(dim=0)
         actual = counts.sum(dim=1)
         per_class = {}
+        recalls = []
         for i, name in enumerate(class_names):
             tp = int(true_positives[i])
+            precision = tp / int(predicted[i]) if int(predicted[i]) else 0.0
+            recall = tp / int(actual[i]) if int(actual[i]) else 0.0
             per_class[name] = {
-                "precision": tp / int(predicted[i]) if int(predicted[i]) else 0.0,
-                "recall": tp / int(actual[i]) if int(actual[i]) else 0.0,
+                "precision": precision,
+                "recall": recall,
+                "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
                 "support": int(actual[i]),
             }
-        return {"confusion_matrix": counts.tolist(), "per_class": per_class}
+            if int(actual[i]):
+                recalls.append(recall)
+        balanced = sum(recalls) / len(recalls) if recalls else float("nan")
+        return {"confusion_matrix": counts.tolist(), "per_class": per_class, "balanced_accuracy": balanced}

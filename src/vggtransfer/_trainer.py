@@ -368,17 +368,17 @@ class Trainer:
     def evaluate(
         self, data: Data, *, batch_size: int = 32, num_workers: int | None = None, tta: bool = False
     ) -> dict[str, Any]:
-        """Loss, accuracy, confusion matrix and per-class precision/recall on ``data``.
+        """Loss, accuracy, balanced accuracy, confusion matrix and per-class precision/recall/F1 on ``data``.
 
         Cached features are used when ``fit`` already computed them for this data, never
         computed just for this. ``tta=True`` scores the mean softmax of each image and its horizontal
         flip, on the images; the loss is the cross-entropy of that mean (so it needs cross-entropy).
 
         Returns:
-            ``{"loss", "accuracy", "count", "class_names", "confusion_matrix", "per_class"}``:
-            accuracy is a fraction in [0, 1]; ``confusion_matrix[i][j]`` counts samples of class
-            ``i`` predicted as ``j``; ``per_class[name]`` has ``precision``, ``recall`` and
-            ``support``.
+            ``{"loss", "accuracy", "balanced_accuracy", "count", "class_names", "confusion_matrix",
+            "per_class"}``: accuracies are fractions in [0, 1], balanced = mean recall over the classes
+            present in ``data``; ``confusion_matrix[i][j]`` counts class ``i`` predicted as ``j``;
+            ``per_class[name]`` has ``precision``, ``recall``, ``f1`` and ``support``.
         """
         tta = check_tta(tta, "evaluate", self.loss_fn)
         source = self._source(data, "evaluate", batch_size, num_workers, compute_cache=False, tta=tta)
