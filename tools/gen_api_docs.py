@@ -84,6 +84,11 @@ ORDER = [
     "LoadedModel",
     "CheckpointError",
     "FORMAT_VERSION",
+    "export",
+    "Export",
+    "EXPORT_FORMATS",
+    "EXPORT_TOLERANCE",
+    "ONNX_OPSET",
     "build_spec",
     "is_main_process",
 ]
