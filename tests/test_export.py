@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import toy, trainer
 from torch import nn
 
 import vggtransfer as vt
+from helpers import toy, trainer
 
 SIZE = 32  # ToyVGG runs at any size; 32 px keeps an ONNX export around a second or two
 NAMES = ["cool", "warm"]
