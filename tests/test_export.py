@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -124,6 +125,19 @@ def test_a_parity_failure_raises_and_leaves_the_existing_file_alone(tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no temporary file left
 
 
+def test_the_file_gets_the_usual_permissions_and_an_unwritable_folder_is_said(tmp_path: Path) -> None:
+    result = vt.export(toy(), tmp_path / "model.pt", format="torchscript", image_size=SIZE)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert result.path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0o600
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    with pytest.raises(OSError) as info:
+        vt.export(toy(), blocker / "model.pt", format="torchscript", image_size=SIZE)
+    assert str(info.value).startswith(f"export: {str(blocker / 'model.pt')!r} cannot be written (")
+    assert str(info.value).endswith("); nothing was exported. Choose a writable folder")
+
+
 def test_a_failing_exporter_leaves_the_existing_file_alone(tmp_path: Path, monkeypatch) -> None:
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
@@ -203,7 +217,7 @@ def test_bad_arguments_are_refused_before_anything_is_written(
 ) -> None:
     options = {"format": "torchscript", "image_size": SIZE, **kwargs}
     with pytest.raises(error) as info:
-        vt.export(toy(), tmp_path / "model.pt", **options)
+        vt.export(toy(), tmp_path / "new" / "model.pt", **options)
     assert str(info.value) == message
     assert list(tmp_path.iterdir()) == []
 

@@ -103,6 +103,7 @@ def export(
         >>> logits.shape  # any batch size
         torch.Size([5, 2])
     """
+    # Every argument is checked, and the checkpoint read, before the folder is created.
     target, kind, size = _check_target(path), _check_format(format), _check_size(image_size)
     model, names, preprocessing = _resolve_source(checkpoint_or_model, class_names, transform, size)
     if kind == "onnx":
@@ -148,13 +149,6 @@ def _check_target(path: object) -> Path:
             f"export: expected path to be a file but {str(target)!r} is an existing folder; "
             f"give a file name inside it, such as {str(target / 'model.onnx')!r}"
         )
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise type(exc)(
-            f"export: the folder of {str(target)!r} cannot be created ({exc.strerror or exc}); "
-            f"choose a writable folder"
-        ) from None
     return target
 
 
@@ -251,9 +245,19 @@ def _cpu_copy(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def _temporary_file(target: Path) -> Iterator[Path]:
-    """A fresh file beside ``target``, removed unless it has been moved into place."""
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    """A fresh file beside ``target`` (its folder created), removed unless it has been moved into place."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise type(exc)(
+            f"export: {str(target)!r} cannot be written ({exc.strerror or exc}); nothing was "
+            f"exported. Choose a writable folder"
+        ) from None
     os.close(fd)
+    umask = os.umask(0)  # mkstemp makes the file private; give the export the usual permissions
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
     try:
         yield Path(name)
     finally:
