@@ -185,6 +185,13 @@ def test_onnx_without_the_extra_says_what_to_install(tmp_path: Path, monkeypatch
             "export: expected image_size to be a positive int such as 224 but got 32.0",
         ),
         (
+            {"image_size": 1, "transform": vt.imagenet_transform(size=1)},
+            ValueError,
+            "export: the model cannot run on images of shape [3, 1, 1] (RuntimeError: Given input size: "
+            "(8x1x1). Calculated output size: (8x0x0). Output size is too small); choose an image_size it "
+            "accepts, such as 224",
+        ),
+        (
             {"class_names": "cool"},
             TypeError,
             "export: expected class_names to be a list of strings such as ['cat', 'dog'] or None but got 'cool'",

@@ -111,8 +111,7 @@ def export(
     with _eval_on_cpu(model) as network:
         example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
         probe = torch.randn(_PARITY_BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            expected = network(probe)
+        expected = _run_eager(network, probe)
         _check_output(expected, names)
         metadata = {
             "class_names": json.dumps(names),
@@ -210,6 +209,18 @@ def _check_names(value: object) -> list[str] | None:
     if len(set(value)) != len(value):
         raise ValueError(f"export: expected distinct class_names but got {list(value)}")
     return list(value)
+
+
+def _run_eager(network: nn.Module, probe: torch.Tensor) -> torch.Tensor:
+    try:
+        with torch.no_grad():
+            logits: torch.Tensor = network(probe)
+    except RuntimeError as exc:  # too small for the model's pooling, or not 3-channel input
+        raise ValueError(
+            f"export: the model cannot run on images of shape {list(probe.shape[1:])} "
+            f"({type(exc).__name__}: {str(exc)[:200]}); choose an image_size it accepts, such as 224"
+        ) from None
+    return logits
 
 
 def _check_output(logits: object, names: list[str] | None) -> None:
