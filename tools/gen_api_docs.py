@@ -90,6 +90,11 @@ ORDER = [
     "Submission",
     "CheckpointError",
     "FORMAT_VERSION",
+    "export",
+    "Export",
+    "EXPORT_FORMATS",
+    "EXPORT_TOLERANCE",
+    "ONNX_OPSET",
     "build_spec",
     "is_main_process",
 ]

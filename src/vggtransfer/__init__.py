@@ -19,6 +19,7 @@ from ._comparison import Comparison
 from ._distributed import is_main_process
 from ._early_stopping import EarlyStopping
 from ._evaluation import Evaluation, SampleResult, evaluate_samples
+from ._export import EXPORT_FORMATS, EXPORT_TOLERANCE, ONNX_OPSET, Export, export
 from ._freeze import BatchNormPolicy, feature_extractor, freeze_features, unfreeze_features
 from ._heads import (
     HEAD_ATTRIBUTES,
@@ -44,16 +45,20 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
+    "EXPORT_FORMATS",
+    "EXPORT_TOLERANCE",
     "FORMAT_VERSION",
     "HEAD_ATTRIBUTES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "ONNX_OPSET",
     "AppendedClassifier",
     "BatchNormPolicy",
     "CheckpointError",
     "Comparison",
     "EarlyStopping",
     "Evaluation",
+    "Export",
     "History",
     "ImageTransform",
     "LRFinder",
@@ -71,6 +76,7 @@ __all__ = [
     "compare_backbones",
     "create_model",
     "evaluate_samples",
+    "export",
     "feature_extractor",
     "find_classifier",
     "freeze_features",
