@@ -228,3 +228,18 @@ def test_refusals(tmp_path: Path) -> None:
         "evaluate_samples: expected labels in 0..2 (the model has 3 outputs) but got 3; "
         "check the dataset's labels against the model's head"
     )
+
+
+def test_report_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        vt.evaluate_samples(oracle_trainer(), scripted(PAIRS)).write_report(tmp_path, top=2)
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    # mkstemp's 0600 would keep the report from the rest of the team
+    assert modes == dict.fromkeys(
+        ["confusion_matrix.png", "errors.png", "misclassified.csv", "report.md"], 0o644
+    )

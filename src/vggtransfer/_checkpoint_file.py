@@ -43,6 +43,7 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "atomic_save",
+    "atomic_write",
     "atomic_write_text",
     "check_finite",
     "non_finite_entries",
@@ -87,17 +88,24 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
                 raise file.error from None
             raise
 
-    return _atomic_write(Path(path), write, "a checkpoint", lambda: _tensor_bytes(obj))
+    return atomic_write(Path(path), write, "a checkpoint", lambda: _tensor_bytes(obj))
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` (UTF-8) so that ``path`` always holds a complete file, as :func:`atomic_save`."""
     data = text.encode("utf-8")
-    return _atomic_write(Path(path), lambda raw: raw.write(data), "a file", lambda: len(data))
+    return atomic_write(Path(path), lambda raw: raw.write(data), "a file", lambda: len(data))
 
 
-def _atomic_write(path: Path, write: Callable[[Any], Any], what: str, size: Callable[[], int]) -> Path:
-    """Write through ``write(file)`` into a temporary file, then replace ``path`` with it."""
+def atomic_write(
+    path: Path, write: Callable[[Any], Any], what: str, size: Callable[[], int] | None = None
+) -> Path:
+    """Write through ``write(binary_file)`` into a temporary file, then replace ``path`` with it.
+
+    The one writer behind every file vggtransfer saves: fsynced, given the usual permissions,
+    never leaving a temporary file, and on a full disk an error that says how much was needed
+    (``size``, in bytes, when known).
+    """
     if path.exists() and not path.is_file():  # a folder, a FIFO, /dev/null: never replaced by a file
         raise FileExistsError(
             errno.EEXIST,
@@ -121,8 +129,9 @@ def _atomic_write(path: Path, write: Callable[[Any], Any], what: str, size: Call
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OSError(
                 exc.errno,
-                f"no space left to write {str(path)!r}: it needs about {size() / 1e6:.1f} MB "
-                f"and {shutil.disk_usage(path.parent).free / 1e6:.1f} MB are free. The previous file "
+                f"no space left to write {str(path)!r}: "
+                + (f"it needs about {size() / 1e6:.1f} MB and " if size is not None else "")
+                + f"{shutil.disk_usage(path.parent).free / 1e6:.1f} MB are free. The previous file "
                 f"is kept and no partial file was left; free some space or save elsewhere",
             ) from None
         raise

@@ -11,12 +11,12 @@ import io
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from ._arguments import check_positive_int
+from ._checkpoint_file import atomic_write
 from ._evaluation import Evaluation, evaluate_samples
 from ._report_plots import plot_confusion, plot_errors
 
@@ -155,20 +155,18 @@ def _seconds_by_phase(timings: object) -> bool:
 
 
 def _atomic(path: Path, write: Callable[[IO[Any]], Any], *, binary: bool) -> None:
-    """Write through ``write`` into a temporary file beside ``path``, then move it into place."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with open(
-            handle,
-            "wb" if binary else "w",
-            encoding=None if binary else "utf-8",
-            newline=None if binary else "",
-        ) as f:
-            write(f)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Write through ``write`` (a binary or a UTF-8 text file) with the library's atomic writer."""
+
+    def into(raw: IO[bytes]) -> None:
+        if binary:
+            write(raw)
+            return
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        write(text)
+        text.flush()
+        text.detach()  # the raw file stays open for the writer to fsync and close
+
+    atomic_write(path, into, "a report file")
 
 
 def _write_csv(evaluation: Evaluation, f: IO[str]) -> None:
