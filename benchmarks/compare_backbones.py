@@ -33,16 +33,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
+from end_to_end import PETS, source_images  # the same files as the end-to-end benchmark (this folder)
 from torch.utils.data import Dataset, TensorDataset
 
 import vggtransfer as vt
 from vggtransfer.data import DogsVsCats, ImageList
-
-PETS = Path(__file__).resolve().parents[2] / "shared" / "data" / "oxford-pets-sample"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -59,29 +55,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--photos", type=Path, default=PETS, help="photos to make the files from")
     parser.add_argument("--out", type=Path, default=Path("compare_backbones.json"))
     return parser.parse_args()
-
-
-def source_images(photos: Path, count: int = 64) -> list[Image.Image]:
-    """Photos at most 500 px a side, or smooth synthetic images when there are none."""
-    files = (
-        sorted(p for p in photos.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if photos.is_dir() else []
-    )
-    images = []
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-                image.thumbnail((500, 500))
-                images.append(image)
-        except OSError:  # the sample's deliberately broken files
-            continue
-    if images:
-        return images
-    rng = np.random.default_rng(0)
-    for _ in range(count):  # low-frequency noise, upsampled: compresses like a photo, unlike white noise
-        small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-        images.append(Image.fromarray(small).resize((500, 375), Image.Resampling.BICUBIC))
-    return images
 
 
 def write_folders(root: Path, counts: dict[str, int], photos: Path) -> None:
