@@ -18,17 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ._checkpoint import load_model
 from ._checkpoint_file import CheckpointError, atomic_write_text
 from ._compare import check_model_names, compare_backbones
 from ._heads import output_count
+from ._images import to_rgb
 from ._models import WeightsNotAvailableError, create_model
 from ._sources import default_workers
-from ._submission import write_kaggle_submission
+from ._submission import submission_csv
 from ._trainer import Trainer
-from .data import DogsVsCats, ImageList, scan_images, stratified_split
+from ._transforms import ImageTransform
+from .data import DogsVsCats, scan_images, stratified_split
 
 __all__ = ["UsageError", "main"]
 
@@ -188,39 +191,71 @@ def _predict(args: argparse.Namespace) -> int:
         trainer = Trainer(model, device=args.device, class_names=names, transform=transform, progress=False)
     except (ValueError, TypeError) as error:  # --device names no device here
         raise UsageError(str(error).replace("Trainer: expected device", "expected --device")) from None
-    # Unreadable files are found first, named and skipped, rather than failing a batch.
-    report = scan_images(files, progress=len(files) > 1000)
-    images = ImageList([(path, 0) for path in report.good], names, transform=transform)
-    rows = _rows(trainer, images, args)
+    dog = _dog_class(names) if args.kaggle_submission is not None else None
+    rows, skipped = _rows(trainer, _Readable(files, transform), args)
     atomic_write_text(args.csv, _csv(rows, args.top_k))
-    for bad in report.bad:
-        print(f"skipped {bad.path}: {bad.reason}")
-    print(f"predicted {len(rows)} images ({len(report.bad)} skipped); wrote {args.csv}")
-    if args.kaggle_submission is not None:
-        dog = next((name for name in names if name.lower() in ("dog", "dogs")), None)
-        if dog is None:
-            raise UsageError(f"--kaggle-submission needs a class named dog, but the classes are {names}")
-        submission = write_kaggle_submission(
-            trainer, Path(args.paths[0]), args.kaggle_submission, positive_class=dog
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}")
+    print(f"predicted {len(rows)} images ({len(skipped)} skipped); wrote {args.csv}")
+    if dog is not None:
+        # From the predictions just made: each image is read and classified once.
+        atomic_write_text(
+            args.kaggle_submission,
+            submission_csv([(Path(path).stem, dict(ranked)[dog]) for path, ranked in rows]),
         )
-        print(f"wrote the Kaggle submission {submission.path} ({submission.rows} rows, label = P({dog}))")
+        print(f"wrote the Kaggle submission {args.kaggle_submission} ({len(rows)} rows, label = P({dog}))")
     return 0
+
+
+def _dog_class(names: list[str]) -> str:
+    """The class whose probability Kaggle's Dogs vs Cats wants, as write_kaggle_submission finds it."""
+    dog = next((name for name in names if name.lower() in ("dog", "dogs")), None)
+    if dog is None:
+        raise UsageError(f"--kaggle-submission needs a class named dog, but the classes are {names}")
+    return dog
+
+
+class _Readable(Dataset[tuple[torch.Tensor, str]]):
+    """Image files through ``transform``, read once, by loader workers; ``(image, "")`` each.
+
+    A file that cannot be decoded gives a blank image and the reason instead of failing its batch,
+    so that one broken file among thousands is named and skipped rather than fatal.
+    """
+
+    def __init__(self, files: list[Path], transform: ImageTransform) -> None:
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        try:
+            with Image.open(self.files[index]) as image:
+                return self.transform(to_rgb(image)), ""
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            size = self.transform.size
+            return torch.zeros(3, size, size), f"cannot be read ({type(error).__name__}: {error})"
 
 
 def _outputs(model: Any) -> int:
     return output_count(model, "vggtransfer predict")
 
 
-def _rows(trainer: Any, images: Any, args: argparse.Namespace) -> list[tuple[str, list[tuple[str, float]]]]:
-    """``(path, [(class, probability), ...] most probable first)`` for every image."""
+def _rows(
+    trainer: Any, images: _Readable, args: argparse.Namespace
+) -> tuple[list[tuple[str, list[tuple[str, float]]]], list[tuple[Path, str]]]:
+    """``(path, [(class, probability), ...] most probable first)`` per readable image; the skipped."""
     loader = DataLoader(images, batch_size=args.batch_size, num_workers=min(default_workers(), 8))
-    rows, start = [], 0
-    for batch, _ in loader:
-        for prediction in trainer.predict(batch, tta=args.tta):
-            ranked = sorted(prediction.probabilities.items(), key=lambda item: -item[1])
-            rows.append((str(images.samples[start][0]), ranked[: args.top_k]))
+    rows, skipped, start = [], [], 0
+    for batch, reasons in loader:
+        for prediction, reason in zip(trainer.predict(batch, tta=args.tta), reasons, strict=True):
+            path = images.files[start]
             start += 1
-    return rows
+            if reason:
+                skipped.append((path, reason))
+                continue
+            rows.append((str(path), sorted(prediction.probabilities.items(), key=lambda item: -item[1])))
+    return rows, skipped
 
 
 def _csv(rows: list[tuple[str, list[tuple[str, float]]]], top_k: int) -> str:
@@ -231,7 +266,7 @@ def _csv(rows: list[tuple[str, list[tuple[str, float]]]], top_k: int) -> str:
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(header)
     for path, ranked in rows:
-        writer.writerow([path, *(value for label, p in ranked for value in (label, f"{p:.6f}"))])
+        writer.writerow([path, *(value for label, p in ranked[:top_k] for value in (label, f"{p:.6f}"))])
     return text.getvalue()
 
 

@@ -15,7 +15,7 @@ from .data import BadFile, DogsVsCats
 if TYPE_CHECKING:
     from ._trainer import Trainer
 
-__all__ = ["Submission", "write_kaggle_submission"]
+__all__ = ["Submission", "submission_csv", "write_kaggle_submission"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,15 @@ def _positive_column(class_names: list[str] | None, positive: str) -> int:
 def _sort_key(ident: str) -> tuple[int, int, str]:
     # Kaggle's ids are numbers: 2 before 10; any other name after them, alphabetically.
     return (0, int(ident), "") if ident.isdigit() else (1, 0, ident)
+
+
+def submission_csv(rows: list[tuple[str, float]]) -> str:
+    """Kaggle's ``id,label`` text for ``(id, probability)`` rows, in numeric id order."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["id", "label"])
+    writer.writerows((ident, f"{p:.6f}") for ident, p in sorted(rows, key=lambda row: _sort_key(row[0])))
+    return text.getvalue()
 
 
 def write_kaggle_submission(
@@ -126,11 +135,6 @@ def write_kaggle_submission(
         predictions: Any = trainer.predict(chunk, batch_size=batch_size)
         for file, prediction in zip(chunk, predictions, strict=True):
             rows.append((Path(file).stem, list(prediction.probabilities.values())[column]))
-    rows.sort(key=lambda row: _sort_key(row[0]))
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["id", "label"])
-    writer.writerows((ident, f"{probability:.6f}") for ident, probability in rows)
-    atomic_write_text(target, text.getvalue())
+    atomic_write_text(target, submission_csv(rows))
     assert trainer.class_names is not None  # _positive_column refused None
     return Submission(target, len(rows), trainer.class_names[column], list(data.bad_files))
