@@ -271,7 +271,7 @@ def _within_budget(stored: FeatureSet, device: torch.device, budget: int) -> Fea
     """A memory-mapped set moved to ``device`` when it fits the budget, as a computed set would be."""
     # On the CPU the mapping already reads from the page cache; on a GPU, copying once beats
     # moving every batch of every epoch from host memory.
-    if device.type == "cpu" or stored.features.numel() * 4 > budget:
+    if device.type == "cpu" or stored.features.numel() * stored.features.element_size() > budget:
         return stored
     return FeatureSet(stored.features.to(device), stored.targets.to(device))
 
