@@ -1,4 +1,7 @@
-"""The vggtransfer command: scan and predict, their outputs, and every error's message and status."""
+"""The vggtransfer command: scan, predict and compare, their outputs, and every error's message and status.
+
+train, evaluate and export are in tests/test_cli_train.py.
+"""
 
 from __future__ import annotations
 
@@ -116,8 +119,8 @@ def test_predict_with_tta_averages_each_image_with_its_mirror(
             "torch.device but got 'gpu'",
         ),
         (
-            ["train", "x"],
-            "vggtransfer: error: argument COMMAND: invalid choice: 'train'",  # then the choices, quoted per Python version
+            ["fly", "x"],
+            "vggtransfer: error: argument COMMAND: invalid choice: 'fly'",  # then the choices, quoted per Python version
         ),
     ],
 )
@@ -208,5 +211,5 @@ def test_compare_ranks_backbones_into_numbered_run_folders(
     assert all(row["cache"]["fit(train)"] == "on (from disk)" for row in again["rows"])
     status, _, err = _run(["compare", "pets", "--arch", "resnet81", "--weights", "none"], capsys)
     assert status == 2 and err.startswith(
-        "vggtransfer compare: error: compare_backbones: unknown architecture"
+        "vggtransfer compare: error: --arch: unknown architecture 'resnet81'; did you mean 'resnet18'"
     )

@@ -20,7 +20,9 @@ from ._spec import record
 from ._state_dict import load_exactly, read_state_dict
 
 __all__ = [
+    "Weights",
     "WeightsNotAvailableError",
+    "apply_head_record",
     "cached_weights_path",
     "classification_models",
     "create_model",
@@ -237,9 +239,6 @@ def rebuild_model(spec: dict[str, Any], *, pretrained: bool) -> nn.Module:
     Raises:
         ValueError: the record names no architecture, or names weights that cannot be rebuilt.
     """
-    from ._freeze import freeze_features
-    from ._heads import append_classifier, replace_classifier
-
     arch = spec.get("arch")
     if not isinstance(arch, str):
         raise ValueError(
@@ -258,6 +257,18 @@ def rebuild_model(spec: dict[str, Any], *, pretrained: bool) -> nn.Module:
         weights = recorded[len("file:") :] if recorded.startswith("file:") else recorded
     kwargs_key = "builder_kwargs" if pretrained else "random_init_kwargs"
     model = create_model(arch, weights=weights, progress=False, **spec.get(kwargs_key, {}))
+    return apply_head_record(model, spec)
+
+
+def apply_head_record(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """Give a backbone the head and freeze policy that a :func:`build_spec` record describes.
+
+    The second half of :func:`rebuild_model`, also used for backbones vggtransfer cannot build
+    itself (a user's factory), so that they get exactly the layout a checkpoint's weights fit.
+    """
+    from ._freeze import freeze_features
+    from ._heads import append_classifier, replace_classifier
+
     head = spec.get("head")
     if head:
         options = {"hidden": tuple(head["hidden"]), "dropout": head["dropout"]}

@@ -1,0 +1,160 @@
+"""What every ``vggtransfer`` subcommand shares: the usage error, checked options, data, checkpoints.
+
+Each check turns what the user typed into a value or a :class:`UsageError` (one line, exit 2)
+before anything is built, read or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ._arch_spec import ArchSpec, load_for_arch, parse_arch
+from ._checkpoint import LoadedModel
+from ._checkpoint_file import CheckpointError
+from ._models import WeightsNotAvailableError
+from ._spec import build_spec
+from ._trainer import Trainer
+from .data import DogsVsCats
+
+__all__ = [
+    "DATA_HELP",
+    "Parser",
+    "UsageError",
+    "add_arch",
+    "arch_of",
+    "check_folder",
+    "check_positive",
+    "describe_model",
+    "make_trainer",
+    "open_checkpoint",
+    "read_labelled",
+    "run_folder",
+    "usage_errors",
+]
+
+#: What DATA may be, for help texts.
+DATA_HELP = "class folders, Kaggle's flat train/ or PetImages"
+
+
+class UsageError(Exception):
+    """What the user typed cannot be run: printed as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` instead of printing usage and exiting."""
+
+    def error(self, message: str) -> Any:
+        raise UsageError(message)
+
+
+@contextmanager
+def usage_errors(*kinds: type[BaseException]) -> Iterator[None]:
+    """Turn the library's errors of ``kinds`` about what the user passed into a :class:`UsageError`."""
+    try:
+        yield
+    except kinds as error:
+        raise UsageError(str(error)) from None
+
+
+def run_folder(base: Path) -> Path:
+    """``base`` if it does not exist yet, else ``base2``, ``base3``, ...: a run never overwrites another."""
+    candidate, number = base, 1
+    while candidate.exists():
+        number += 1
+        candidate = base.with_name(f"{base.name}{number}")
+    return candidate
+
+
+def check_folder(path: Path | None, what: str) -> None:
+    """``path`` (when given) is an existing folder."""
+    if path is not None and not path.is_dir():
+        found = "does not exist" if not path.exists() else "is a file, not a folder"
+        raise UsageError(f"{what} {str(path)!r} {found}; expected a folder of images ({DATA_HELP})")
+
+
+def check_positive(value: float | None, option: str, *, zero: bool = False) -> None:
+    """``value`` (when given) is finite and above 0 (or at least 0 with ``zero``)."""
+    if value is None:
+        return
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        smallest = "0" if zero else ("1" if isinstance(value, int) else "")
+        bound = f"{smallest} or more" if smallest else "more than 0"
+        raise UsageError(f"expected {option} to be {bound} but got {value:g}")
+
+
+def add_arch(parser: argparse.ArgumentParser, *, required: bool = False, many: bool = False) -> None:
+    """The ``--arch SPEC`` option."""
+    parser.add_argument(
+        "--arch",
+        required=required,
+        nargs="+" if many else None,
+        metavar="SPEC",
+        help="a torchvision name (vgg16_bn), timm:NAME, or module:callable, a factory returning a model",
+    )
+
+
+def arch_of(text: str | None) -> ArchSpec | None:
+    """``--arch`` checked; None when not given."""
+    if text is None:
+        return None
+    with usage_errors(ValueError, ModuleNotFoundError):
+        return parse_arch(text)
+
+
+def read_labelled(path: Path, what: str, transform: Any = None) -> DogsVsCats:
+    """A labelled DogsVsCats folder (scanned once, with progress), or a UsageError saying why not."""
+    check_folder(path, what)
+    with usage_errors(ValueError, FileNotFoundError):
+        data = DogsVsCats(path, transform=transform)
+    if not data.labelled:
+        raise UsageError(
+            f"{what} {str(path)!r} has no labels (no class folders, no cat./dog. names); expected {DATA_HELP}"
+        )
+    return data
+
+
+def open_checkpoint(path: Path, arch: str | None, device: str = "cpu") -> LoadedModel:
+    """The model, class names and transform of a checkpoint, checked against ``--arch``."""
+    if not path.is_file():
+        raise UsageError(f"CHECKPOINT {str(path)!r} is not a file")
+    spec = arch_of(arch)
+    with usage_errors(CheckpointError, WeightsNotAvailableError, ValueError):
+        return load_for_arch(path, spec, device=device)
+
+
+def make_trainer(model: Any, **options: Any) -> Trainer:
+    """A Trainer; an unknown ``--device`` or ``--precision`` is a usage error."""
+    try:
+        return Trainer(model, **options)
+    except (ValueError, TypeError) as error:
+        raise UsageError(
+            str(error)
+            .replace("Trainer: expected device", "expected --device")
+            .replace("Trainer: expected precision", "expected --precision")
+        ) from None
+
+
+def describe_model(model: Any) -> str:
+    """One paragraph for report.md: how the model was built, and its trainable share."""
+    spec = build_spec(model)
+    parts = [f"`{spec.get('factory') or spec.get('arch') or type(model).__name__}`"]
+    if spec.get("factory"):
+        parts.append("built by a user factory (its own weights)")
+    elif "weights" in spec or spec.get("arch"):
+        parts.append(f"weights `{spec.get('weights') or 'random'}`")
+    head = spec.get("head")
+    if head:
+        layers = " → ".join(str(width) for width in [*head.get("hidden", ()), head["num_classes"]])
+        where = "appended after the network" if head["method"] == "append" else "in place of the classifier"
+        parts.append(f"a new head {where} (widths {layers}, dropout {head['dropout']})")
+    if spec.get("freeze"):
+        parts.append(f"features frozen (BatchNorm {spec['freeze']['batchnorm']})")
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    parts.append(f"{trainable:,} of {total:,} parameters trainable")
+    return "; ".join(parts) + "."

@@ -1,0 +1,164 @@
+"""``vggtransfer predict``: classify image files, folders and globs with a checkpoint; write a CSV."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from ._checkpoint_file import atomic_write_text
+from ._cli_common import UsageError, add_arch, check_positive, make_trainer, open_checkpoint
+from ._heads import output_count
+from ._images import to_rgb
+from ._sources import default_workers
+from ._submission import submission_csv
+from ._transforms import ImageTransform
+
+__all__ = ["IMAGE_SUFFIXES", "add_parser", "collect_images"]
+
+#: Image file suffixes that ``predict`` collects from folders and globs.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def add_parser(commands: Any) -> None:
+    """Register ``predict`` with its options."""
+    predict = commands.add_parser("predict", help="classify images with a checkpoint; write a CSV")
+    predict.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
+    add_arch(predict)
+    predict.add_argument("--top-k", type=int, default=1, help="also write the k most probable classes")
+    predict.add_argument("--csv", type=Path, default=Path("predictions.csv"), help="the CSV to write")
+    predict.add_argument("--tta", action="store_true", help="average each image with its mirror image")
+    predict.add_argument(
+        "--kaggle-submission",
+        type=Path,
+        metavar="FILE",
+        help="also write Kaggle's id,label for one test folder",
+    )
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--device", default="auto")
+    predict.set_defaults(run=_predict)
+
+
+def collect_images(patterns: Sequence[str]) -> list[Path]:
+    """The image files named by ``patterns``: files, folders (recursive, sorted) and globs.
+
+    Raises:
+        UsageError: a pattern names nothing, or nothing at all was found.
+    """
+    found: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif glob.has_magic(pattern):
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+            if not matches:
+                raise UsageError(f"PATH {pattern!r} matches no file")
+            found += [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        else:
+            raise UsageError(f"PATH {pattern!r} is not a file, a folder or a glob that matches")
+    unique = list(dict.fromkeys(found))  # the same file named twice is predicted once
+    if not unique:
+        raise UsageError(f"found no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(patterns)}")
+    return unique
+
+
+def _predict(args: argparse.Namespace) -> int:
+    check_positive(args.top_k, "--top-k")
+    check_positive(args.batch_size, "--batch-size")
+    if args.kaggle_submission is not None and not (len(args.paths) == 1 and Path(args.paths[0]).is_dir()):
+        raise UsageError("--kaggle-submission needs PATH to be one folder: Kaggle's test1/")
+    files = collect_images(args.paths)
+    model, class_names, transform = open_checkpoint(args.checkpoint, args.arch)
+    names = class_names or [str(i) for i in range(_outputs(model))]
+    if args.top_k > len(names):
+        raise UsageError(f"expected --top-k to be at most the {len(names)} classes but got {args.top_k}")
+    trainer = make_trainer(model, device=args.device, class_names=names, transform=transform, progress=False)
+    dog = _dog_class(names) if args.kaggle_submission is not None else None
+    rows, skipped = _rows(trainer, _Readable(files, transform), args)
+    atomic_write_text(args.csv, _csv(rows, args.top_k))
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}")
+    print(f"predicted {len(rows)} images ({len(skipped)} skipped); wrote {args.csv}")
+    if dog is not None:
+        # From the predictions just made: each image is read and classified once.
+        atomic_write_text(
+            args.kaggle_submission,
+            submission_csv([(Path(path).stem, dict(ranked)[dog]) for path, ranked in rows]),
+        )
+        print(f"wrote the Kaggle submission {args.kaggle_submission} ({len(rows)} rows, label = P({dog}))")
+    return 0
+
+
+def _dog_class(names: list[str]) -> str:
+    """The class whose probability Kaggle's Dogs vs Cats wants, as write_kaggle_submission finds it."""
+    dog = next((name for name in names if name.lower() in ("dog", "dogs")), None)
+    if dog is None:
+        raise UsageError(f"--kaggle-submission needs a class named dog, but the classes are {names}")
+    return dog
+
+
+class _Readable(Dataset[tuple[torch.Tensor, str]]):
+    """Image files through ``transform``, read once, by loader workers; ``(image, "")`` each.
+
+    A file that cannot be decoded gives a blank image and the reason instead of failing its batch,
+    so that one broken file among thousands is named and skipped rather than fatal.
+    """
+
+    def __init__(self, files: list[Path], transform: ImageTransform) -> None:
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        try:
+            with Image.open(self.files[index]) as image:
+                return self.transform(to_rgb(image)), ""
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            size = self.transform.size
+            return torch.zeros(3, size, size), f"cannot be read ({type(error).__name__}: {error})"
+
+
+def _outputs(model: Any) -> int:
+    return output_count(model, "vggtransfer predict")
+
+
+def _rows(
+    trainer: Any, images: _Readable, args: argparse.Namespace
+) -> tuple[list[tuple[str, list[tuple[str, float]]]], list[tuple[Path, str]]]:
+    """``(path, [(class, probability), ...] most probable first)`` per readable image; the skipped."""
+    loader = DataLoader(images, batch_size=args.batch_size, num_workers=min(default_workers(), 8))
+    rows, skipped, start = [], [], 0
+    for batch, reasons in loader:
+        for prediction, reason in zip(trainer.predict(batch, tta=args.tta), reasons, strict=True):
+            path = images.files[start]
+            start += 1
+            if reason:
+                skipped.append((path, reason))
+                continue
+            rows.append((str(path), sorted(prediction.probabilities.items(), key=lambda item: -item[1])))
+    return rows, skipped
+
+
+def _csv(rows: list[tuple[str, list[tuple[str, float]]]], top_k: int) -> str:
+    header = ["path", "label", "probability"]
+    for rank in range(2, top_k + 1):
+        header += [f"label_{rank}", f"probability_{rank}"]
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    for path, ranked in rows:
+        writer.writerow([path, *(value for label, p in ranked[:top_k] for value in (label, f"{p:.6f}"))])
+    return text.getvalue()

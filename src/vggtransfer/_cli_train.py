@@ -1,0 +1,230 @@
+"""``vggtransfer train``: a folder of images in, a run folder out (checkpoints, metrics, plots, report).
+
+The recipe, as the library runs it: scan the data, build the backbone (``--arch``), freeze its
+features, replace its classifier, train the head (then optionally fine-tune everything), and
+analyse the best epoch on the validation images. Every option is checked, and every folder
+scanned, before a backbone is built or a weight downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._arch_spec import ArchSpec
+from ._checkpoint import load_model
+from ._checkpoint_file import atomic_write_text
+from ._cli_checkpoint import metrics_lines, scan_of
+from ._cli_common import (
+    DATA_HELP,
+    UsageError,
+    add_arch,
+    arch_of,
+    check_folder,
+    check_positive,
+    describe_model,
+    make_trainer,
+    read_labelled,
+    run_folder,
+    usage_errors,
+)
+from ._cli_data import add_validation, check_validation, read_train_and_val, with_transforms
+from ._freeze import freeze_features
+from ._heads import replace_classifier
+from ._models import Weights
+from ._report import write_report
+from ._trainer import Trainer
+from ._transforms import ImageTransform, default_transform
+from .data import Split
+
+__all__ = ["add_parser"]
+
+#: The smallest --image-size: VGG's five poolings need at least 32 pixels.
+MIN_IMAGE_SIZE = 32
+
+
+def add_parser(commands: Any) -> None:
+    """Register ``train`` with its options."""
+    train = commands.add_parser(
+        "train", help="train a classifier on a folder; write checkpoints and a report"
+    )
+    train.add_argument("data", type=Path, metavar="DATA", help=DATA_HELP)
+    add_validation(train)
+    train.add_argument(
+        "--test", type=Path, metavar="DIR", help="labelled test images, evaluated once at the end"
+    )
+    add_arch(train)
+    train.add_argument(
+        "--weights", default=None, help="DEFAULT (pretrained, the default), none, or a .pth file"
+    )
+    train.add_argument("--epochs", type=int, default=5, help="epochs training the head, features frozen")
+    train.add_argument("--fine-tune-epochs", type=int, default=0, help="then epochs training every layer")
+    train.add_argument(
+        "--lr", type=float, default=1e-3, help="the head's learning rate (fine-tuning: a tenth)"
+    )
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--image-size", type=int, default=None, help="crop size (default: the weights', 224)")
+    train.add_argument("--augment", action="store_true", help="random crops and flips of the training images")
+    train.add_argument(
+        "--cache-views", type=int, default=None, metavar="K", help="with --augment: cache K views"
+    )
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    train.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", type=Path, default=None, help="default: runs/train, runs/train2, ...")
+    train.set_defaults(run=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    spec, weights, out = _check(args)
+    timings: dict[str, float] = {}
+    with _phase(timings, "scan"):
+        data, val = read_train_and_val(args)
+        test = read_labelled(args.test, "--test") if args.test is not None else None
+    if test is not None and test.classes != data.classes:
+        raise UsageError(f"--test has the classes {test.classes} but DATA has {data.classes}")
+    with _phase(timings, "build"):
+        model = _model(spec, weights, len(data.classes), args.seed)
+        transform = _transform(model, args.image_size)
+    train_set, val_set = with_transforms(data, val, _training(transform, args.augment), transform)
+    trainer = make_trainer(
+        model, lr=args.lr, device=args.device, precision=args.precision, seed=args.seed,
+        class_names=data.classes, transform=transform, cache_views=args.cache_views,
+    )  # fmt: skip
+    command = shlex.join(["vggtransfer", "train", *args.argv])
+    # Plain data in every checkpoint: how to rerun, and which images validated (to evaluate again).
+    trainer.extra = {"command": command, **({"split": val.to_dict()} if isinstance(val, Split) else {})}
+    _fit(trainer, train_set, val_set, args, out, timings)
+    best = _best_epoch(trainer)
+    load_model(out / "best.pt", model=trainer.network, device=trainer.device)  # analyse the best epoch
+    with _phase(timings, "report"):
+        evaluation = write_report(
+            trainer, val_set, out, batch_size=args.batch_size, num_workers=None, scan=scan_of(data),
+            model=describe_model(trainer.network), timings=dict(timings), command=command,
+        )  # fmt: skip
+        trainer.history.plot(out / "curves.png")
+    results: dict[str, Any] = {"val": evaluation.metrics}
+    if test is not None:
+        with _phase(timings, "test"):
+            results["test"] = trainer.evaluate(test.with_transform(transform), batch_size=args.batch_size)
+    _write_metrics(out, trainer, spec, best, results, timings, command, data)
+    _say_where(out, best, results)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> tuple[ArchSpec, Weights, Path]:
+    """Every option, before any folder is scanned: the spec, the weights, the run folder."""
+    for folder, what in ((args.data, "DATA"), (args.test, "--test")):
+        check_folder(folder, what)
+    check_validation(args)
+    for option in ("epochs", "batch_size"):
+        check_positive(getattr(args, option), "--" + option.replace("_", "-"))
+    check_positive(args.fine_tune_epochs, "--fine-tune-epochs", zero=True)
+    check_positive(args.lr, "--lr")
+    check_positive(args.cache_views, "--cache-views")
+    check_positive(args.seed, "--seed", zero=True)
+    if args.image_size is not None and args.image_size < MIN_IMAGE_SIZE:
+        raise UsageError(f"expected --image-size to be {MIN_IMAGE_SIZE} or more but got {args.image_size}")
+    if args.cache_views is not None and not args.augment:
+        raise UsageError("--cache-views caches augmented views of the training images: it needs --augment")
+    spec = arch_of(args.arch or "vgg16_bn")
+    assert spec is not None
+    if spec.kind == "factory" and args.weights is not None:
+        raise UsageError(
+            f"--weights applies to torchvision and timm names; the factory {spec.text!r} loads its own weights"
+        )
+    text = args.weights or "DEFAULT"
+    weights: Weights = None if text.lower() == "none" else text
+    out = args.out if args.out is not None else run_folder(Path("runs") / "train")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(
+            f"--out {str(out)!r} exists and is not an empty folder; a run never overwrites another"
+        )
+    return spec, weights, out
+
+
+@contextmanager
+def _phase(timings: dict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - started, 3)
+
+
+def _model(spec: ArchSpec, weights: Weights, classes: int, seed: int) -> torch.nn.Module:
+    """The backbone with frozen features and a new head; seeded, so a rerun starts from the same head."""
+    torch.manual_seed(seed)
+    with usage_errors(ValueError, TypeError, FileNotFoundError):
+        backbone = spec.build(weights)
+        return replace_classifier(freeze_features(backbone), classes)
+
+
+def _transform(model: torch.nn.Module, size: int | None) -> ImageTransform:
+    """The weights' evaluation preprocessing, at ``--image-size`` (resized in the same proportion)."""
+    base = default_transform(model)
+    if size is None:
+        return base
+    resize = max(size, round(size * base.resize / base.size))
+    return ImageTransform.from_dict({**base.to_dict(), "size": size, "resize": resize})
+
+
+def _training(transform: ImageTransform, augment: bool) -> ImageTransform:
+    return ImageTransform.from_dict({**transform.to_dict(), "train": True}) if augment else transform
+
+
+def _fit(
+    trainer: Trainer, train: Any, val: Any, args: argparse.Namespace, out: Path, timings: dict[str, float]
+) -> None:
+    options: dict[str, Any] = {"batch_size": args.batch_size, "checkpoint_dir": out}
+    with _phase(timings, "fit"):
+        trainer.fit(train, val, epochs=args.epochs, **options)
+    if args.fine_tune_epochs:
+        trainer.progress.message(f"fine-tuning every layer at lr {args.lr / 10:g}")
+        trainer.unfreeze_features(lr=args.lr / 10)
+        with _phase(timings, "fine-tune"):
+            trainer.fit(train, val, epochs=args.epochs + args.fine_tune_epochs, **options)
+
+
+def _best_epoch(trainer: Trainer) -> dict[str, float]:
+    """The epoch best.pt holds: the lowest validation loss, the first of equals."""
+    return min(trainer.history, key=lambda record: record["val_loss"])
+
+
+def _write_metrics(
+    out: Path, trainer: Trainer, spec: ArchSpec, best: dict[str, float], results: dict[str, Any],
+    timings: dict[str, float], command: str, data: Any,
+) -> None:  # fmt: skip
+    record = {
+        "command": command,
+        "arch": spec.text,
+        "class_names": trainer.class_names,
+        "data": {"images": len(data), "bad_files": len(data.bad_files)},
+        "best_epoch": int(best["epoch"]),
+        "history": list(trainer.history),
+        **{split: _plain(metrics) for split, metrics in results.items()},
+        "timings": timings,
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(record, indent=2) + "\n")
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    keep = ("accuracy", "balanced_accuracy", "loss", "count", "per_class", "confusion_matrix")
+    return {key: metrics[key] for key in keep}
+
+
+def _say_where(out: Path, best: dict[str, float], results: dict[str, Any]) -> None:
+    for split, metrics in results.items():
+        print(f"{'validation' if split == 'val' else split}: " + "\n".join(metrics_lines(metrics)))
+    print(f"run folder {out}:")
+    print(
+        f"  {out / 'best.pt'}   epoch {int(best['epoch'])} (lowest val_loss, {best['val_loss']:.4f}); last.pt"
+    )
+    print(f"  {out / 'report.md'}   with confusion_matrix.png, errors.png, misclassified.csv")
+    print(f"  {out / 'metrics.json'}   and curves.png")

@@ -1,0 +1,463 @@
+"""``vggtransfer train``, ``evaluate`` and ``export`` end to end, factories, and every error path.
+
+One small run (resnet18 with random weights on 32 px generated photos) is trained once for the
+module; the tests read its run folder, then predict and export from its best.pt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import photos
+import vggtransfer as vt
+from vggtransfer._cli import main
+from vggtransfer.data import DogsVsCats
+
+RUN_FILES = {
+    "best.pt", "last.pt", "metrics.json", "curves.png", "confusion_matrix.png", "errors.png",
+    "misclassified.csv", "report.md",
+}  # fmt: skip
+
+FACTORIES = """
+import pathlib
+import torch
+from torch import nn
+
+pathlib.Path("imported.marker").write_text("my_models was imported")
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Sequential(nn.Linear(8, 1000))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def tiny():
+    torch.manual_seed(0)
+    return Tiny()
+
+
+def other():
+    return Tiny()
+
+
+def number():
+    return 3
+
+
+def broken():
+    return 1 / 0
+"""
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    status = main(argv)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    photos.class_folders(root / "pets", {"cats": 10, "dogs": 10})
+    (root / "pets" / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    photos.class_folders(root / "holdout", {"cats": 3, "dogs": 3}, seed=100)
+    # Validation with one mislabelled photo per class, so that the report has errors to show.
+    photos.class_folders(root / "val", {"cats": 3, "dogs": 3}, seed=200)
+    photos.write_photos(root / "val" / "cats", photos.DOG, ["dog-among-cats.jpg"], seed=300)
+    photos.write_photos(root / "val" / "dogs", photos.CAT, ["cat-among-dogs.jpg"], seed=400)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(workspace: Path) -> tuple[Path, str]:
+    """The run folder of one training with a test folder and a fine-tuning epoch; what it printed."""
+    out = workspace / "run"
+    argv = [
+        "train",
+        str(workspace / "pets"),
+        "--val",
+        str(workspace / "val"),
+        "--test",
+        str(workspace / "holdout"),
+    ]
+    argv += ["--arch", "resnet18"]
+    argv += ["--weights", "none", "--image-size", "32", "--epochs", "3", "--fine-tune-epochs", "1"]
+    argv += ["--batch-size", "4", "--device", "cpu", "--out", str(out)]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    return out, printed.getvalue()
+
+
+def test_train_writes_the_run_folder_and_says_where_everything_is(run: tuple[Path, str]) -> None:
+    out, printed = run
+    assert {p.name for p in out.iterdir()} == RUN_FILES
+    metrics = json.loads((out / "metrics.json").read_text())
+    best = metrics["best_epoch"]
+    assert printed.splitlines()[-4:] == [
+        f"run folder {out}:",
+        f"  {out / 'best.pt'}   epoch {best} (lowest val_loss, "
+        f"{metrics['history'][best - 1]['val_loss']:.4f}); last.pt",
+        f"  {out / 'report.md'}   with confusion_matrix.png, errors.png, misclassified.csv",
+        f"  {out / 'metrics.json'}   and curves.png",
+    ]
+
+
+def test_metrics_and_report_agree_with_each_other_and_with_best_pt(
+    run: tuple[Path, str], workspace: Path
+) -> None:
+    out, _ = run
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"]
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]  # 3 head epochs, then 1 fine-tuning epoch
+    assert "features_lr" in history[-1] and "features_lr" not in history[0]
+    assert metrics["best_epoch"] == min(history, key=lambda r: r["val_loss"])["epoch"]
+    val = metrics["val"]
+    rows = list(csv.DictReader((out / "misclassified.csv").open()))
+    assert len(rows) == round(val["count"] * (1 - val["accuracy"]))  # one row per error
+    assert sum(map(sum, val["confusion_matrix"])) == val["count"] == 8
+    assert len(rows) >= 2  # at least the mislabelled ones
+    # Two classes: the higher the loss, the more probable the wrong prediction.
+    assert [float(r["probability"]) for r in rows] == sorted(
+        (float(r["probability"]) for r in rows), reverse=True
+    )
+    assert all(r["true"] != r["predicted"] for r in rows)
+    # best.pt holds the reported epoch: reloaded, it scores what metrics.json says on the same split.
+    model, names, transform = vt.load_model(out / "best.pt")
+    val_set = DogsVsCats(workspace / "val", transform=transform, progress=False)
+    again = vt.Trainer(model, device="cpu", class_names=names, transform=transform, progress=False)
+    result = again.evaluate(val_set, num_workers=0)
+    assert result["accuracy"] == val["accuracy"] and result["loss"] == pytest.approx(val["loss"], abs=1e-5)
+    assert result["loss"] == pytest.approx(history[metrics["best_epoch"] - 1]["val_loss"], abs=1e-4)
+    assert metrics["test"]["count"] == 6
+    report = (out / "report.md").read_text()
+    assert f"({val['count'] - len(rows)} of {val['count']} correct, {len(rows)} errors)" in report
+    assert "Image scan: 20 good images, 1 bad files (left out)." in report
+    assert str(workspace / "pets" / "dogs" / "broken.jpg") in report
+    assert "`resnet18`; weights `random`" in report
+    assert all(f"| {phase} |" in report for phase in ("scan", "build", "fit", "fine-tune"))
+    assert metrics["command"] in report and metrics["command"].startswith("vggtransfer train ")
+
+
+def test_run_pngs_are_images_of_a_sensible_size(run: tuple[Path, str]) -> None:
+    out, _ = run
+    for name in ("curves.png", "confusion_matrix.png", "errors.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG"
+            width, height = image.size
+            assert 400 <= width <= 4000 and 250 <= height <= 4000, (name, image.size)
+            assert len(set(np.asarray(image.convert("L")).ravel().tolist())) > 10  # not blank
+
+
+def test_predict_then_export_give_the_same_probabilities_in_onnxruntime(
+    run: tuple[Path, str], workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    best, predictions = run[0] / "best.pt", tmp_path / "predictions.csv"
+    assert _run(["predict", str(best), str(workspace / "holdout"), "--csv", str(predictions)], capsys)[0] == 0
+    rows = list(csv.DictReader(predictions.open()))
+    assert len(rows) == 6
+    status, printed, _ = _run(
+        ["export", str(best), "--format", "onnx", "--out", str(tmp_path / "m.onnx")], capsys
+    )
+    assert status == 0 and printed.startswith(f"wrote {tmp_path / 'm.onnx'} (onnx, input [batch, 3, 32, 32]")
+    metadata = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    transform = vt.ImageTransform.from_dict(json.loads(metadata["transform"]))
+    names = json.loads(metadata["class_names"])
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    images = torch.stack([transform(Image.open(row["path"])) for row in rows]).numpy()
+    (logits,) = session.run(None, {"image": images})
+    probabilities = torch.softmax(torch.from_numpy(logits), dim=1)
+    for row, p in zip(rows, probabilities, strict=True):
+        assert names[int(p.argmax())] == row["label"]
+        assert float(p.max()) == pytest.approx(float(row["probability"]), abs=1e-5)
+    status, _, _ = _run(
+        ["export", str(best), "--format", "torchscript", "--out", str(tmp_path / "m.ts")], capsys
+    )
+    assert status == 0 and torch.jit.load(str(tmp_path / "m.ts"))(torch.from_numpy(images)).shape == (6, 2)
+
+
+def test_evaluate_prints_the_metrics_train_reported_and_writes_a_report(
+    run: tuple[Path, str], workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, _ = run
+    test = json.loads((out / "metrics.json").read_text())["test"]
+    status, printed, _ = _run(["evaluate", str(out / "best.pt"), str(workspace / "holdout")], capsys)
+    assert status == 0
+    assert printed.splitlines()[0] == (
+        f"accuracy {test['accuracy']:.4f}, balanced accuracy {test['balanced_accuracy']:.4f}, "
+        f"loss {test['loss']:.4f} on 6 images"
+    )
+    report = tmp_path / "report"
+    argv = ["evaluate", str(out / "best.pt"), str(workspace / "holdout"), "--report", str(report)]
+    status, printed, _ = _run(argv, capsys)
+    assert status == 0 and printed.splitlines()[-1] == (
+        f"wrote {report / 'report.md'}, confusion_matrix.png, errors.png, misclassified.csv"
+    )
+    assert {p.name for p in report.iterdir()} == {
+        "report.md",
+        "confusion_matrix.png",
+        "errors.png",
+        "misclassified.csv",
+    }
+    assert "vggtransfer evaluate " in (report / "report.md").read_text()
+
+
+@pytest.fixture
+def factory_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working folder holding pets/ and my_models.py (which leaves imported.marker when imported)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "my_models.py").write_text(FACTORIES)
+    photos.class_folders(tmp_path / "pets", {"cats": 5, "dogs": 5})
+    yield tmp_path
+    import sys
+
+    sys.modules.pop("my_models", None)
+
+
+TRAIN_TINY = ["--image-size", "32", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
+
+
+def test_a_factory_model_trains_and_loads_only_when_named_again(
+    factory_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, printed, err = _run(["train", "pets", "--arch", "my_models:tiny", *TRAIN_TINY], capsys)
+    assert status == 0, err
+    assert "run folder runs/train:" in printed
+    assert _run(["train", "pets", "--arch", "my_models:tiny", *TRAIN_TINY], capsys)[0] == 0
+    assert (factory_folder / "runs" / "train2" / "best.pt").is_file()  # numbered: the first run is kept
+    best = "runs/train/best.pt"
+    status, _, err = _run(["predict", best, "pets", "--csv", "p.csv"], capsys)
+    assert status == 2 and err == (
+        f"vggtransfer predict: error: checkpoint '{best}' holds a model built by the factory "
+        "'my_models:tiny'; checkpoints never import code, so name it again: --arch my_models:tiny\n"
+    )
+    status, _, err = _run(["export", best, "--out", "m.onnx", "--arch", "my_models:other"], capsys)
+    assert status == 2 and err == (
+        f"vggtransfer export: error: --arch 'my_models:other' does not match checkpoint '{best}', which "
+        "was trained with --arch my_models:tiny; pass --arch my_models:tiny, or leave --arch out for "
+        "torchvision and timm models\n"
+    )
+    status, _, err = _run(["evaluate", best, "pets", "--arch", "resnet18"], capsys)
+    assert status == 2 and "does not match checkpoint" in err
+    assert not (factory_folder / "m.onnx").exists() and not (factory_folder / "p.csv").exists()
+    assert _run(["predict", best, "pets", "--csv", "p.csv", "--arch", "my_models:tiny"], capsys)[0] == 0
+    assert len(Path("p.csv").read_text().splitlines()) == 1 + 10
+    assert (
+        _run(
+            ["export", best, "--format", "torchscript", "--out", "m.ts", "--arch", "my_models:tiny"], capsys
+        )[0]
+        == 0
+    )
+
+
+def test_a_checkpoint_never_makes_vggtransfer_import_its_factory(
+    factory_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _run(["train", "pets", "--arch", "my_models:tiny", *TRAIN_TINY], capsys)[0] == 0
+    import sys
+
+    sys.modules.pop("my_models", None)
+    (factory_folder / "imported.marker").unlink()
+    for argv in (
+        ["predict", "runs/train/best.pt", "pets"],
+        ["export", "runs/train/best.pt", "--out", "x.onnx"],
+    ):
+        assert _run(argv, capsys)[0] == 2
+    assert not (factory_folder / "imported.marker").exists()
+
+
+@pytest.mark.parametrize(
+    ("arch", "status", "message"),
+    [
+        (
+            "my_models:nothing",
+            2,
+            "vggtransfer train: error: --arch 'my_models:nothing': module 'my_models' has no attribute "
+            "'nothing'; its callables are Tiny, broken, number, other, tiny",
+        ),
+        (
+            "my_models:number",
+            2,
+            "vggtransfer train: error: --arch 'my_models:number': expected the factory to return an "
+            "nn.Module but it returned a int",
+        ),
+        (
+            "my_models:broken",
+            1,
+            "vggtransfer train: failed: FactoryError: --arch 'my_models:broken': calling it raised "
+            "ZeroDivisionError: division by zero ({folder}/my_models.py, line {line})",
+        ),
+        (
+            "not_there:build",
+            2,
+            "vggtransfer train: error: --arch 'not_there:build': no module named 'not_there' here or in the "
+            "working folder; run from the folder that holds it, or name the file: path/to/not_there.py:build",
+        ),
+        (
+            "nope.py:build",
+            2,
+            "vggtransfer train: error: --arch 'nope.py:build': there is no file 'nope.py'",
+        ),
+        (
+            "my models:",
+            2,
+            "vggtransfer train: error: expected --arch to be a torchvision model name (vgg16_bn), "
+            "timm:NAME, or module:callable (my_models:build), but got 'my models:'",
+        ),
+    ],
+)
+def test_factory_errors_say_what_is_wrong_and_write_nothing(
+    arch: str, status: int, message: str, factory_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result, _, err = _run(["train", "pets", "--arch", arch, *TRAIN_TINY], capsys)
+    line = FACTORIES.splitlines().index("    return 1 / 0") + 1
+    assert (result, err) == (status, message.format(folder=factory_folder, line=line) + "\n")
+    assert not (factory_folder / "runs").exists()
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> Path:
+    photos.class_folders(tmp_path / "pets", {"cats": 4, "dogs": 4})
+    photos.class_folders(tmp_path / "birds", {"crows": 2, "owls": 2})
+    photos.kaggle_test(tmp_path / "test1", [photos.CAT, photos.DOG])
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("mine")
+    (tmp_path / "file.pt").write_text("x")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["{t}/missing"],
+            "DATA '{t}/missing' does not exist; expected a folder of images (class folders, "
+            "Kaggle's flat train/ or PetImages)",
+        ),
+        (["{t}/pets", "--val-split", "1.5"], "expected --val-split to be between 0 and 1 but got 1.5"),
+        (["{t}/pets", "--epochs", "0"], "expected --epochs to be 1 or more but got 0"),
+        (["{t}/pets", "--fine-tune-epochs", "-1"], "expected --fine-tune-epochs to be 0 or more but got -1"),
+        (["{t}/pets", "--lr", "-0.1"], "expected --lr to be more than 0 but got -0.1"),
+        (["{t}/pets", "--lr", "nan"], "expected --lr to be more than 0 but got nan"),
+        (["{t}/pets", "--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+        (["{t}/pets", "--image-size", "16"], "expected --image-size to be 32 or more but got 16"),
+        (
+            ["{t}/pets", "--cache-views", "2"],
+            "--cache-views caches augmented views of the training images: it needs --augment",
+        ),
+        (["{t}/pets", "--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+        (
+            ["{t}/pets", "--arch", "vgg17"],
+            "--arch: unknown architecture 'vgg17'; did you mean 'vgg19', 'vgg16', 'vgg13'? expected a torchvision "
+            "model name (vgg16_bn), timm:NAME, or module:callable (my_models:build)",
+        ),
+        (
+            ["{t}/pets", "--out", "{t}/full"],
+            "--out '{t}/full' exists and is not an empty folder; a run never overwrites another",
+        ),
+        (
+            ["{t}/pets", "--test", "{t}/test1"],
+            "--test '{t}/test1' has no labels (no class folders, no cat./dog. "
+            "names); expected class folders, Kaggle's flat train/ or PetImages",
+        ),
+        (
+            ["{t}/pets", "--val", "{t}/birds"],
+            "--val '{t}/birds' has the classes ['crows', 'owls'] but DATA has "
+            "['cats', 'dogs']; expected the same class folders in both",
+        ),
+        (
+            ["{t}/pets", "--arch", "resnet18", "--weights", "{t}/missing.pth"],
+            "weights file '{t}/missing.pth' does not exist; expected a path to a .pth file",
+        ),
+        (
+            ["{t}/pets", "--arch", "resnet18", "--weights", "none", "--device", "gpu"],
+            "expected --device to be",
+        ),
+    ],
+)
+def test_train_usage_errors_exit_2_before_anything_is_written(
+    options: list[str], message: str, folders: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.chdir(folders)
+    status, _, err = _run(["train", *(o.format(t=folders) for o in options)], capsys)
+    assert status == 2
+    assert err.startswith("vggtransfer train: error: " + message.format(t=folders)), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (folders / "runs").exists() and (folders / "full" / "mine.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["evaluate", "{t}/missing.pt", "{t}/pets"],
+            "vggtransfer evaluate: error: CHECKPOINT '{t}/missing.pt' is not a file",
+        ),
+        (
+            ["evaluate", "{best}", "{t}/birds"],
+            "vggtransfer evaluate: error: DATA '{t}/birds' has the classes "
+            "['crows', 'owls'] but the checkpoint was trained on ['cats', 'dogs']; expected the same class folders",
+        ),
+        (
+            ["evaluate", "{best}", "{t}/pets", "--report", "{t}/file.pt"],
+            "vggtransfer evaluate: error: --report '{t}/file.pt' is a file; expected a folder for the report",
+        ),
+        (
+            ["evaluate", "{t}/file.pt", "{t}/pets"],
+            "vggtransfer evaluate: error: '{t}/file.pt' is not a vggtransfer checkpoint: it is a text file",
+        ),
+        (["export", "{best}"], "vggtransfer export: error: the following arguments are required: --out"),
+        (
+            ["export", "{best}", "--out", "{best}"],
+            "vggtransfer export: error: --out '{best}' is the checkpoint itself; expected another file",
+        ),
+        (
+            ["export", "{best}", "--out", "{t}/full"],
+            "vggtransfer export: error: --out '{t}/full' is a folder; "
+            "expected a file name such as model.onnx",
+        ),
+        (
+            ["export", "{best}", "--out", "{t}/m.onnx", "--format", "tflite"],
+            "vggtransfer export: error: argument --format: invalid choice: 'tflite'",
+        ),
+    ],
+)
+def test_evaluate_and_export_usage_errors_exit_2(
+    argv: list[str], message: str, run: tuple[Path, str], folders: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    best = run[0] / "best.pt"
+    before = best.read_bytes()
+    status, _, err = _run([a.format(t=folders, best=best) for a in argv], capsys)
+    assert status == 2
+    assert err.startswith(message.format(t=folders, best=best)), err
+    assert err.count("\n") == 1
+    assert best.read_bytes() == before and not (folders / "m.onnx").exists()
+
+
+def test_a_missing_extra_is_a_failure_that_says_what_to_install(
+    run: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    status, _, err = _run(["export", str(run[0] / "best.pt"), "--out", str(tmp_path / "m.onnx")], capsys)
+    assert status == 1 and "pip install" in err and "vggtransfer[export]" in err
+    assert not (tmp_path / "m.onnx").exists()
