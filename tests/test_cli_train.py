@@ -146,6 +146,10 @@ def test_metrics_and_report_agree_with_each_other_and_with_best_pt(
     assert metrics["test"]["count"] == 6
     report = (out / "report.md").read_text()
     assert f"({val['count'] - len(rows)} of {val['count']} correct, {len(rows)} errors)" in report
+    assert (
+        f"Trained on 20 images of `{workspace / 'pets'}` (cats 10, dogs 10); validated on 8 images of "
+        f"`{workspace / 'val'}`; tested on 6 images of `{workspace / 'holdout'}`.\n\nEvaluated: 8 samples"
+    ) in report
     assert "Image scan: 20 good images, 1 bad files (left out)." in report
     assert str(workspace / "pets" / "dogs" / "broken.jpg") in report
     assert "`resnet18`; weights `random`" in report

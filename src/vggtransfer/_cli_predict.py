@@ -18,6 +18,7 @@ from ._checkpoint_file import atomic_write_text
 from ._cli_common import UsageError, add_arch, check_positive, make_trainer, open_checkpoint
 from ._heads import output_count
 from ._images import to_rgb
+from ._progress import task_bar
 from ._sources import default_workers
 from ._submission import submission_csv
 from ._transforms import ImageTransform
@@ -140,15 +141,19 @@ def _rows(
 ) -> tuple[list[tuple[str, list[tuple[str, float]]]], list[tuple[Path, str]]]:
     """``(path, [(class, probability), ...] most probable first)`` per readable image; the skipped."""
     loader = DataLoader(images, batch_size=args.batch_size, num_workers=min(default_workers(), 8))
-    rows, skipped, start = [], [], 0
-    for batch, reasons in loader:
-        for prediction, reason in zip(trainer.predict(batch, tta=args.tta), reasons, strict=True):
-            path = images.files[start]
-            start += 1
-            if reason:
-                skipped.append((path, reason))
-                continue
-            rows.append((str(path), sorted(prediction.probabilities.items(), key=lambda item: -item[1])))
+    rows, skipped = [], []
+    files = iter(images.files)  # the loader keeps the order: one file per prediction
+    with task_bar(len(images), "predict") as advance:
+        for batch, reasons in loader:
+            for prediction, reason in zip(trainer.predict(batch, tta=args.tta), reasons, strict=True):
+                path = next(files)
+                if reason:
+                    skipped.append((path, reason))
+                else:
+                    rows.append(
+                        (str(path), sorted(prediction.probabilities.items(), key=lambda item: -item[1]))
+                    )
+            advance(len(reasons))
     return rows, skipped
 
 

@@ -40,7 +40,7 @@ from ._cli_data import add_validation, check_validation, read_train_and_val, wit
 from ._freeze import freeze_features
 from ._heads import replace_classifier
 from ._models import Weights
-from ._report import write_report
+from ._report import balance_warning, write_report
 from ._trainer import Trainer
 from ._transforms import ImageTransform, default_transform
 from .data import Split
@@ -109,6 +109,7 @@ def _train(args: argparse.Namespace) -> int:
         evaluation = write_report(
             trainer, val_set, out, batch_size=args.batch_size, num_workers=None, scan=scan_of(data),
             model=describe_model(trainer.network), timings=dict(timings), command=command,
+            summary=_data_summary(args, train_set, val_set, test, data.classes),
         )  # fmt: skip
         trainer.history.plot(out / "curves.png")
     results: dict[str, Any] = {"val": evaluation.metrics}
@@ -228,3 +229,19 @@ def _say_where(out: Path, best: dict[str, float], results: dict[str, Any]) -> No
     )
     print(f"  {out / 'report.md'}   with confusion_matrix.png, errors.png, misclassified.csv")
     print(f"  {out / 'metrics.json'}   and curves.png")
+
+
+def _data_summary(args: argparse.Namespace, train: Any, val: Any, test: Any, names: list[str]) -> str:
+    """report.md's opening of the data section: what trained and validated the model, and its balance."""
+    labels = train.targets if hasattr(train, "targets") else [train.dataset.targets[i] for i in train.indices]
+    counts = [labels.count(index) for index in range(len(names))]
+    per_class = ", ".join(f"{name} {count}" for name, count in zip(names, counts, strict=True))
+    where = (
+        f"`{args.val}`"
+        if args.val is not None
+        else f"a stratified {args.val_split:.0%} split (seed {args.seed})"
+    )
+    text = f"Trained on {len(train)} images of `{args.data}` ({per_class}); validated on {len(val)} images of {where}"
+    text += f"; tested on {len(test)} images of `{args.test}`." if test is not None else "."
+    warning = balance_warning(names, counts)
+    return text + (f"\n\nTraining data: {warning}" if warning else "")

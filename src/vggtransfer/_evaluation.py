@@ -9,6 +9,7 @@ them with the metrics ``Trainer.evaluate`` reports, and writes the analysis file
 from __future__ import annotations
 
 import os
+from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from ._arguments import check_positive_int, check_workers
 from ._heads import output_count
 from ._metrics import ConfusionMatrix
 from ._predict import names_for
+from ._progress import Silent, task_bar
 from ._runtime import eval_mode
 from ._sources import check_data, make_loader
 
@@ -85,6 +87,7 @@ class Evaluation:
         model: str | None = None,
         timings: dict[str, float] | None = None,
         command: str | None = None,
+        summary: str | None = None,
     ) -> dict[str, Path]:
         """Write confusion_matrix.png, errors.png, misclassified.csv and report.md into ``folder``.
 
@@ -92,7 +95,9 @@ class Evaluation:
         """
         from ._report import write_files  # the writer needs this class: imported when used
 
-        return write_files(self, folder, top=top, scan=scan, model=model, timings=timings, command=command)
+        return write_files(
+            self, folder, top=top, scan=scan, model=model, timings=timings, command=command, summary=summary
+        )
 
 
 def sample_path(data: Any, index: int) -> str | None:
@@ -145,8 +150,14 @@ def evaluate_samples(
     confusion = ConfusionMatrix(len(names), torch.device("cpu"))
     results: list[SampleResult] = []
     runtime = trainer.runtime
-    with eval_mode(trainer.model), torch.no_grad():
+    shown = not isinstance(trainer.progress, Silent)
+    with (
+        eval_mode(trainer.model),
+        torch.no_grad(),
+        task_bar(_size(data), "evaluate", enabled=shown) as advance,
+    ):
         for inputs, targets in loader:
+            advance(int(targets.shape[0]))
             with runtime.autocast():
                 logits = trainer.model(runtime.to_device(inputs))
             logits, targets = logits.float().cpu(), targets.long()
@@ -176,6 +187,10 @@ def evaluate_samples(
         **confusion.report(names),
     }
     return Evaluation(results, names, metrics, data)
+
+
+def _size(data: object) -> int | None:
+    return len(data) if isinstance(data, Sized) else None
 
 
 def _checked(

@@ -1,13 +1,19 @@
-"""Progress output for ``Trainer.fit``: a tqdm bar on a terminal, one line per epoch elsewhere."""
+"""Progress output: a tqdm bar on a terminal, one line per epoch elsewhere.
+
+:func:`make_progress` serves ``Trainer.fit``; :func:`task_bar` the other long passes (a report's
+evaluation, the command's predictions).
+"""
 
 from __future__ import annotations
 
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol, TextIO
 
-__all__ = ["Progress", "make_progress"]
+__all__ = ["Progress", "Silent", "make_progress", "task_bar"]
 
 
 class Progress(Protocol):
@@ -134,3 +140,30 @@ def make_progress(progress: bool, stream: TextIO | None = None) -> Progress:
         else:
             return Bar(tqdm, stream)
     return Lines(stream)
+
+
+@contextmanager
+def task_bar(
+    total: int | None, description: str, *, enabled: bool = True, stream: TextIO | None = None
+) -> Iterator[Callable[[int], None]]:
+    """A tqdm bar of ``total`` items, advanced by the function it yields; silent off a terminal.
+
+    Off a terminal (a log file, CI) or without tqdm the pass shows nothing: its result is printed
+    when it ends, and a line per batch would only bury it.
+    """
+    stream = stream or sys.stderr
+    bar: Any = None
+    if enabled and stream.isatty():
+        try:
+            from tqdm.auto import tqdm
+        except ModuleNotFoundError:
+            pass
+        else:
+            bar = tqdm(
+                total=total, desc=description, file=stream, leave=False, dynamic_ncols=True, unit="img"
+            )
+    try:
+        yield (bar.update if bar is not None else lambda _: None)
+    finally:
+        if bar is not None:
+            bar.close()

@@ -42,6 +42,7 @@ def write_report(
     model: str | None = None,
     timings: dict[str, float] | None = None,
     command: str | None = None,
+    summary: str | None = None,
 ) -> Evaluation:
     """Evaluate ``trainer`` on ``data`` sample by sample and write the analysis files into ``folder``.
 
@@ -68,6 +69,7 @@ def write_report(
         model: A description of the model, e.g. ``"vgg16_bn, features frozen, 2 classes"``.
         timings: Seconds each phase took, e.g. ``{"scan": 1.2, "fit": 300.0}``.
         command: The command line that reproduces the run.
+        summary: Markdown that opens the data section, e.g. what the model was trained on.
 
     Returns:
         The :class:`Evaluation` the files were written from.
@@ -89,9 +91,17 @@ def write_report(
         >>> 0 <= result.metrics["balanced_accuracy"] <= 1
         True
     """
-    _check_options(folder, top, scan, model, timings, command, "write_report")  # before the evaluation runs
+    options = {
+        "top": top,
+        "scan": scan,
+        "model": model,
+        "timings": timings,
+        "command": command,
+        "summary": summary,
+    }
+    _check_options(folder, **options, what="write_report")  # before the evaluation runs
     evaluation = evaluate_samples(trainer, data, batch_size=batch_size, num_workers=num_workers)
-    write_files(evaluation, folder, top=top, scan=scan, model=model, timings=timings, command=command)
+    write_files(evaluation, folder, **options)
     return evaluation
 
 
@@ -104,22 +114,32 @@ def write_files(
     model: str | None,
     timings: dict[str, float] | None,
     command: str | None,
+    summary: str | None = None,
 ) -> dict[str, Path]:
     """Write the four files of ``evaluation`` into ``folder``; returns their paths by name."""
-    target = _check_options(folder, top, scan, model, timings, command, "Evaluation.write_report")
+    options = {
+        "top": top,
+        "scan": scan,
+        "model": model,
+        "timings": timings,
+        "command": command,
+        "summary": summary,
+    }
+    target = _check_options(folder, **options, what="Evaluation.write_report")
     target.mkdir(parents=True, exist_ok=True)
     paths = {name: target / name for name in FILES}
     _atomic(paths["confusion_matrix.png"], lambda f: plot_confusion(evaluation, f), binary=True)
     _atomic(paths["errors.png"], lambda f: plot_errors(evaluation, f, top), binary=True)
     _atomic(paths["misclassified.csv"], lambda f: _write_csv(evaluation, f), binary=False)
-    text = markdown(evaluation, top=top, scan=scan, model=model, timings=timings, command=command)
+    text = markdown(evaluation, **options)
     _atomic(paths["report.md"], lambda f: f.write(text), binary=False)
     return paths
 
 
 def _check_options(
-    folder: object, top: object, scan: object, model: object, timings: object, command: object, what: str
-) -> Path:
+    folder: object, *, top: object, scan: object, model: object, timings: object, command: object,
+    summary: object, what: str,
+) -> Path:  # fmt: skip
     """Every option checked before anything is computed or written; returns the folder."""
     if not isinstance(folder, (str, os.PathLike)):
         raise TypeError(
@@ -136,7 +156,7 @@ def _check_options(
             f"{what}: expected scan to be a vggtransfer.data.ScanReport (from scan_images) or None "
             f"but got {type(scan).__name__}"
         )
-    for name, value in (("model", model), ("command", command)):
+    for name, value in (("model", model), ("command", command), ("summary", summary)):
         if value is not None and not isinstance(value, str):
             raise TypeError(f"{what}: expected {name} to be a str or None but got {type(value).__name__}")
     if timings is not None and not _seconds_by_phase(timings):
@@ -208,12 +228,14 @@ def markdown(
     model: str | None,
     timings: dict[str, float] | None,
     command: str | None,
+    summary: str | None = None,
 ) -> str:
     """report.md's text."""
     m, names = evaluation.metrics, evaluation.class_names
     supports = [m["per_class"][n]["support"] for n in names]
     out = io.StringIO()
-    out.write(f"# Evaluation report\n\n## Data\n\n{m['count']} samples in {len(names)} classes.\n\n")
+    out.write("# Evaluation report\n\n## Data\n\n" + (f"{summary}\n\n" if summary else ""))
+    out.write(f"Evaluated: {m['count']} samples in {len(names)} classes.\n\n")
     if scan is not None:
         out.write(f"Image scan: {len(scan.good)} good images, {len(scan.bad)} bad files (left out).\n\n")
         if scan.bad:
