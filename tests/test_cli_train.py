@@ -465,3 +465,15 @@ def test_a_missing_extra_is_a_failure_that_says_what_to_install(
     status, _, err = _run(["export", str(run[0] / "best.pt"), "--out", str(tmp_path / "m.onnx")], capsys)
     assert status == 1 and "pip install" in err and "vggtransfer[export]" in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_train_without_matplotlib_says_what_to_install_before_training(
+    folders: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    monkeypatch.chdir(folders)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    status, printed, err = _run(["train", "pets", "--arch", "resnet18", "--weights", "none"], capsys)
+    assert status == 1 and 'pip install "vggtransfer[plots]"' in err and "epoch" not in printed + err
+    assert not (folders / "runs").exists()

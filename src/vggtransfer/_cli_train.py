@@ -40,6 +40,7 @@ from ._cli_data import add_validation, check_validation, read_train_and_val, wit
 from ._freeze import freeze_features
 from ._heads import replace_classifier
 from ._models import Weights
+from ._plotting import pyplot
 from ._report import balance_warning, write_report
 from ._trainer import Trainer
 from ._transforms import ImageTransform, default_transform
@@ -136,6 +137,7 @@ def _check(args: argparse.Namespace) -> tuple[ArchSpec, Weights, Path]:
         raise UsageError(f"expected --image-size to be {MIN_IMAGE_SIZE} or more but got {args.image_size}")
     if args.cache_views is not None and not args.augment:
         raise UsageError("--cache-views caches augmented views of the training images: it needs --augment")
+    pyplot("vggtransfer train")  # the run folder's plots need matplotlib: say so now, not after training
     spec = arch_of(args.arch or "vgg16_bn")
     assert spec is not None
     if spec.kind == "factory" and args.weights is not None:
