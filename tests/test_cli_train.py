@@ -477,3 +477,23 @@ def test_train_without_matplotlib_says_what_to_install_before_training(
     status, printed, err = _run(["train", "pets", "--arch", "resnet18", "--weights", "none"], capsys)
     assert status == 1 and 'pip install "vggtransfer[plots]"' in err and "epoch" not in printed + err
     assert not (folders / "runs").exists()
+
+
+def test_ctrl_c_keeps_the_finished_epochs_and_exits_130(
+    folders: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(folders)
+    train_epoch = vt.Trainer._train_epoch
+
+    def interrupted_in_epoch_2(self: vt.Trainer, source: object, epoch: int, epochs: int) -> object:
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return train_epoch(self, source, epoch, epochs)
+
+    monkeypatch.setattr(vt.Trainer, "_train_epoch", interrupted_in_epoch_2)
+    argv = ["train", "pets", "--arch", "resnet18", "--weights", "none", "--image-size", "32", "--epochs", "3"]
+    status, _, err = _run([*argv, "--batch-size", "4", "--device", "cpu"], capsys)
+    assert status == 130 and err.endswith("vggtransfer: interrupted\n")
+    run = folders / "runs" / "train"
+    assert {p.name for p in run.iterdir()} == {"best.pt", "last.pt", "interrupted.pt"}
+    assert torch.load(run / "last.pt", weights_only=True)["trainer"]["epoch"] == 1
