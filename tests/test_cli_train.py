@@ -1,6 +1,6 @@
 """``vggtransfer train``, ``evaluate`` and ``export`` end to end, factories, and every error path.
 
-One small run (resnet18 with random weights on 32 px generated photos) is trained once for the
+One small run (squeezenet1_1 with random weights on 32 px generated photos) is trained once for the
 module; the tests read its run folder, then predict and export from its best.pt.
 """
 
@@ -94,7 +94,7 @@ def run(workspace: Path) -> tuple[Path, str]:
         "--test",
         str(workspace / "holdout"),
     ]
-    argv += ["--arch", "resnet18"]
+    argv += ["--arch", "squeezenet1_1"]
     argv += ["--weights", "none", "--image-size", "32", "--epochs", "3", "--fine-tune-epochs", "1"]
     argv += ["--batch-size", "4", "--device", "cpu", "--out", str(out)]
     printed = io.StringIO()
@@ -152,7 +152,7 @@ def test_metrics_and_report_agree_with_each_other_and_with_best_pt(
     ) in report
     assert "Image scan: 20 good images, 1 bad files (left out)." in report
     assert str(workspace / "pets" / "dogs" / "broken.jpg") in report
-    assert "`resnet18`; weights `random`" in report
+    assert "`squeezenet1_1`; weights `random`" in report
     assert all(f"| {phase} |" in report for phase in ("scan", "build", "fit", "fine-tune"))
     assert metrics["command"] in report and metrics["command"].startswith("vggtransfer train ")
 
