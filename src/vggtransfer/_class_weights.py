@@ -194,22 +194,31 @@ def balanced_weights(labels: Sequence[int], classes: int, names: Sequence[str] |
     return [len(labels) / (present * count) if count else 0.0 for count in counts]
 
 
-class WeightedCrossEntropy(nn.Module):
-    """``nn.CrossEntropyLoss(weight=w)``, except that a batch of weight-0 classes only has loss 0, not NaN."""
+class WeightedCrossEntropy(nn.CrossEntropyLoss):
+    """``nn.CrossEntropyLoss(weight=w)``, with clear errors, and loss 0 (not NaN) for a batch that weighs 0.
+
+    With every weight > 0 it is exactly ``nn.CrossEntropyLoss(weight=w)``. A weight of 0 lets a
+    batch of only such classes weigh 0 in all, where the weighted mean is 0 / 0: its loss is
+    then 0 and its gradient 0, rather than NaN (the same mean otherwise, up to float rounding).
+    """
 
     def __init__(self, weights: Sequence[float], device: torch.device) -> None:
-        super().__init__()
-        self.weight = torch.tensor(list(weights), dtype=torch.float32, device=device)
+        super().__init__(weight=torch.tensor(list(weights), dtype=torch.float32, device=device))
+        self.some_zero = min(weights) == 0
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The weighted mean cross-entropy of the batch."""
-        if logits.ndim != 2 or logits.shape[1] != self.weight.numel():
+        weight = self.weight
+        assert weight is not None
+        if input.ndim != 2 or input.shape[1] != weight.numel():
             raise ValueError(
-                f"fit: got {self.weight.numel()} class_weights but the model gives logits of shape "
-                f"{tuple(logits.shape)}; give one weight per output class"
+                f"fit: got {weight.numel()} class_weights but the model gives logits of shape "
+                f"{tuple(input.shape)}; give one weight per output class"
             )
-        total = functional.cross_entropy(logits, targets, weight=self.weight, reduction="sum")
-        weight_sum = self.weight.to(total.dtype)[targets].sum()
+        if not self.some_zero:
+            return super().forward(input, target)
+        total = functional.cross_entropy(input, target, weight=weight, reduction="sum")
+        weight_sum = weight.to(total.dtype)[target].sum()
         # The mean's denominator; 1 where every sample weighs 0, where the sum is 0 too.
         return total / torch.where(weight_sum > 0, weight_sum, torch.ones_like(weight_sum))
 
