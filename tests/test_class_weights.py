@@ -20,7 +20,9 @@ def imbalanced(n0: int, n1: int, seed: int, size: int = 16, signal: float = 0.2)
     generator = torch.Generator().manual_seed(seed)
     labels = torch.tensor([0] * n0 + [1] * n1)
     colour = torch.tensor([1.0, 0.0, -1.0]).view(1, 3, 1, 1) * (labels.float() * 2 - 1).view(-1, 1, 1, 1)
-    return TensorDataset(signal * colour + torch.randn(len(labels), 3, size, size, generator=generator), labels)
+    return TensorDataset(
+        signal * colour + torch.randn(len(labels), 3, size, size, generator=generator), labels
+    )
 
 
 def test_balanced_weights_raise_minority_recall_on_9_to_1_data() -> None:
@@ -123,7 +125,9 @@ BAD_SETTINGS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("value", "error", "message"), BAD_SETTINGS, ids=[str(i) for i in range(len(BAD_SETTINGS))])
+@pytest.mark.parametrize(
+    ("value", "error", "message"), BAD_SETTINGS, ids=[str(i) for i in range(len(BAD_SETTINGS))]
+)
 def test_bad_class_weights_are_refused_before_anything_changes(value, error, message: str) -> None:
     model = toy()
     before = {k: v.clone() for k, v in model.state_dict().items()}
