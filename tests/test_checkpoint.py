@@ -366,6 +366,10 @@ TAMPERING = [
     (_setter("transform", value={"size": -3}), r"is damaged: its transform settings do not build"),
     (_setter("class_names", value="cool"), r"is damaged: class_names should be a list of str but is 'cool'"),
     (_setter("extra", value=[1, 2]), r"is damaged: 'extra' is not a dict"),
+    (
+        _setter("trainer", "class_weights_in_effect", value=[1.0, float("nan")]),
+        r"is damaged: trainer field 'class_weights_in_effect' is not a list of finite numbers >= 0 but \[1.0, nan\]",
+    ),
 ]
 
 

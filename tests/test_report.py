@@ -135,6 +135,10 @@ def test_report_md_has_the_tables_and_warns_beyond_three_to_one(tmp_path: Path) 
     assert "- balanced accuracy: 0.7500 (mean recall over the classes present)" in text
     assert "| **a** | 6 | 1 | 1 |" in text and "| true \\ predicted | a | b | c |" in text
     assert "**Warning: the classes are imbalanced beyond 3:1** ('a' has 8 samples, 'b' 2: 4.0:1)." in text
+    assert (
+        'or weighting the loss: `Trainer(class_weights="balanced")` '
+        "(`vggtransfer train --class-weights balanced`)." in text
+    )
     assert "## Model\n\nOracle" in text and "| fit | 1.2 |" in text and "```sh\npython run.py\n```" in text
     three_to_one = [(0, 0)] * 6 + [(1, 1), (1, 1), (2, 2), (2, 2)]
     vt.write_report(oracle_trainer(), scripted(three_to_one), tmp_path)

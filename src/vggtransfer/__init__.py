@@ -12,6 +12,7 @@ Build a pretrained model, freeze its features, give it a new head::
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._callbacks import Callback
 from ._checkpoint import LoadedModel, load_model
 from ._checkpoint_file import FORMAT_VERSION, CheckpointError
 from ._compare import compare_backbones
@@ -30,6 +31,7 @@ from ._heads import (
 )
 from ._history import History
 from ._images import to_rgb
+from ._loggers import CSVLogger, TensorBoardLogger
 from ._lr_finder import LRFinder
 from ._models import WeightsNotAvailableError, cached_weights_path, classification_models, create_model
 from ._predict import Prediction
@@ -54,6 +56,8 @@ __all__ = [
     "ONNX_OPSET",
     "AppendedClassifier",
     "BatchNormPolicy",
+    "CSVLogger",
+    "Callback",
     "CheckpointError",
     "Comparison",
     "EarlyStopping",
@@ -66,6 +70,7 @@ __all__ = [
     "Prediction",
     "SampleResult",
     "Submission",
+    "TensorBoardLogger",
     "Trainer",
     "WeightsNotAvailableError",
     "__version__",

@@ -12,10 +12,13 @@ import numbers
 import os
 import secrets
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
+from ._callbacks import Callback, check_callbacks
+from ._class_weights import check_class_weights
 from ._heads import known_output_count
 from ._runtime import unwrap
 
@@ -221,11 +224,14 @@ def check_trainer_inputs(
     class_names: object,
     transform: object,
     seed: object,
-) -> tuple[float, int, list[str] | None]:
+    class_weights: object = None,
+    callbacks: object = (),
+) -> tuple[float, int, list[str] | None, Literal["balanced"] | list[float] | None, list[Callback]]:
     """Every plain Trainer argument checked, before the Trainer touches the model or the process.
 
     Returns:
-        ``(lr, seed, class_names)`` normalised: a float, an int (drawn when None), a list or None.
+        ``(lr, seed, class_names, class_weights, callbacks)`` normalised: a float, an int (drawn
+        when None), a list or None, ``"balanced"`` or a list of floats or None, a list.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Trainer: expected model to be an nn.Module but got {type(model).__name__}")
@@ -238,4 +244,6 @@ def check_trainer_inputs(
     check_single_output(loss_fn, outputs)
     names = check_class_names(class_names, outputs)
     checked = check_seed(seed)
-    return rate, checked if checked is not None else secrets.randbits(62), names
+    weights = check_class_weights(class_weights, loss_fn=loss_fn, outputs=outputs, class_names=names)
+    hooks = check_callbacks(callbacks)
+    return rate, checked if checked is not None else secrets.randbits(62), names, weights, hooks

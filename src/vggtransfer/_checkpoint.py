@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from torch import nn
 from ._checkpoint_checks import (
     check_against_live_states,
     check_cache_views,
+    check_class_weights_fields,
     check_identity,
     check_model_state,
     check_optimizer,
@@ -40,16 +41,20 @@ from ._checkpoint_file import (
     tensor_checksum,
     to_cpu,
 )
+from ._class_weights import ClassWeights
 from ._early_stopping import BestTracker
 from ._freeze import frozen_keys
 from ._history import History
 from ._models import WeightsNotAvailableError, rebuild_model
 from ._progress import Progress
-from ._rng import capture_rng
+from ._rng import capture_rng, restore_rng
 from ._runtime import Runtime, resolve_device
 from ._spec import build_spec
 from ._state_dict import cpu_state_dict, fingerprint, merge_into
 from ._transforms import ImageTransform, default_transform
+
+if TYPE_CHECKING:
+    from ._trainer import Trainer
 
 __all__ = [
     "EpochFiles",
@@ -58,20 +63,101 @@ __all__ = [
     "TrainingObjects",
     "check_savable",
     "load_model",
+    "load_trainer",
     "make_payload",
     "read_resume",
+    "save_trainer",
     "write_on_rank_zero",
 ]
 
 
 @dataclass
 class TrainingObjects:
-    """The stateful objects a resume restores beyond the weights."""
+    """The stateful objects a resume restores beyond the weights, and the settings it must match.
+
+    ``cache_views`` and ``class_weights`` are the Trainer's; a checkpoint records them, and
+    resuming into a Trainer built with other ones is refused.
+    """
 
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
     best: BestTracker
+    cache_views: int | None = None
+    class_weights: ClassWeights | None = None
+
+
+def save_trainer(
+    trainer: Trainer,
+    path: str | os.PathLike[str],
+    parts: TrainingObjects,
+    *,
+    head_only: bool,
+    training_state: bool,
+    interrupted: bool,
+    extra: dict[str, Any] | None,
+) -> Path:
+    """The work of :meth:`Trainer.save_checkpoint`: the run's fields made plain and checked, then written.
+
+    ``parts`` are the Trainer's training objects; they are saved only with ``training_state``.
+    """
+    network = trainer.network
+    weights = parts.class_weights.state() if parts.class_weights is not None else {}
+    counters = {
+        "epoch": trainer.epoch, "global_step": trainer.global_step, "interrupted": interrupted,
+        "seed": trainer.seed, "lr": trainer.lr, "precision": trainer.precision.name,
+        "unfreeze_lr": trainer.unfreeze_lr, "cache_views": parts.cache_views,
+        "history": trainer.history.to_dict(), **weights,
+    }  # fmt: skip
+    # Checked by every process (they hold the same weights), so that all raise together.
+    fields = check_savable(
+        network,
+        head_only=head_only,
+        fields={
+            "class_names": trainer.class_names,
+            "extra": trainer.extra if extra is None else extra,
+            "counters": counters,
+        },
+    )
+    path = Path(path)
+    objects = parts if training_state else None
+    # Under torchrun rank 0 alone writes; every process learns whether it could.
+    write_on_rank_zero(
+        lambda: make_payload(
+            network, head_only=head_only, transform=trainer.transform, objects=objects, **fields
+        ),
+        path,
+        trainer.runtime,
+    )
+    return path
+
+
+def load_trainer(trainer: Trainer, path: str | os.PathLike[str], parts: TrainingObjects) -> None:
+    """The work of :meth:`Trainer.load_checkpoint`: read and check everything, then apply it all.
+
+    Raises:
+        CheckpointError: see :func:`read_resume`; the Trainer is then as it was.
+    """
+    point = read_resume(
+        path, network=trainer.network, optimizer=parts.optimizer, scheduler=parts.scheduler,
+        scaler=parts.scaler, class_names=trainer.class_names, unfrozen=trainer.unfreeze_lr is not None,
+        cache_views=parts.cache_views,
+        class_weights=parts.class_weights.setting if parts.class_weights is not None else None,
+    )  # fmt: skip
+    # Everything checked: apply.
+    if point.unfreeze_lr is not None:
+        trainer.unfreeze_features(lr=point.unfreeze_lr)
+    point.apply(trainer.network, parts)
+    trainer.epoch, trainer.global_step, trainer.seed = point.epoch, point.global_step, point.seed
+    trainer.history = point.history
+    if point.class_names is not None:
+        trainer.class_names = point.class_names
+    if point.transform is not None:
+        trainer.transform = point.transform
+    trainer.extra = point.extra
+    if parts.class_weights is not None:
+        parts.class_weights.weights = point.class_weights
+    restore_rng(point.rng)
 
 
 def check_savable(network: nn.Module, *, head_only: bool, fields: dict[str, Any]) -> dict[str, Any]:
@@ -111,7 +197,8 @@ def make_payload(
         network: The unwrapped model.
         head_only: Leave out the frozen entries, recording their fingerprint instead.
         counters: The run's plain fields (from :func:`check_savable`): epoch, global_step,
-            interrupted, seed, lr, precision, unfreeze_lr, history (as a dict).
+            interrupted, seed, lr, precision, unfreeze_lr, cache_views, history (as a dict),
+            class_weights (the setting) and class_weights_in_effect.
         class_names: Names in output order, or None (plain, from :func:`check_savable`).
         transform: The Trainer's transform; recorded when it is an :class:`ImageTransform`.
         extra: The user's plain data (from :func:`check_savable`).
@@ -166,6 +253,7 @@ class ResumePoint:
     class_names: list[str] | None
     transform: ImageTransform | None
     extra: dict[str, Any]
+    class_weights: list[float] | None = None
 
     def apply(self, network: nn.Module, objects: TrainingObjects) -> None:
         """Load the weights and the training objects' states (after any unfreezing)."""
@@ -188,6 +276,7 @@ def read_resume(
     class_names: list[str] | None,
     unfrozen: bool,
     cache_views: int | None = None,
+    class_weights: str | list[float] | None = None,
 ) -> ResumePoint:
     """Read ``path`` and check it fits ``network`` and ``optimizer``; nothing is changed.
 
@@ -213,6 +302,7 @@ def read_resume(
         )
     check_trainer_fields(saved, network, source=source)
     check_cache_views(saved, cache_views, source=source)
+    check_class_weights_fields(saved, class_weights, source=source)
     check_against_live_states(saved, scheduler, scaler, source=source)
     needs_unfreeze = saved_unfreeze is not None and not unfrozen
     target_frozen = set() if needs_unfreeze else frozen_keys(network)
@@ -241,7 +331,12 @@ def read_resume(
         class_names=list(names) if names is not None else None,
         transform=transform,
         extra=dict(data.get("extra") or {}),
+        class_weights=_in_effect(saved.get("class_weights_in_effect")),
     )
+
+
+def _in_effect(weights: list[float] | None) -> list[float] | None:
+    return [float(w) for w in weights] if weights is not None else None
 
 
 def write_on_rank_zero(make: Callable[[], dict[str, Any]], path: Path, runtime: Runtime) -> None:

@@ -29,6 +29,7 @@ from ._state_dict import fingerprint, state_dict_differences
 __all__ = [
     "check_against_live_states",
     "check_cache_views",
+    "check_class_weights_fields",
     "check_identity",
     "check_model_state",
     "check_optimizer",
@@ -301,6 +302,29 @@ def check_cache_views(saved: Mapping[str, Any], cache_views: int | None, *, sour
             f"checkpoint {source!r} was trained with cache_views={saved.get('cache_views')!r:.60} but this "
             f"Trainer has cache_views={cache_views!r}; build the Trainer with "
             f"cache_views={saved.get('cache_views')!r:.60} to resume it"
+        )
+
+
+def check_class_weights_fields(
+    saved: Mapping[str, Any], setting: str | list[float] | None, *, source: str
+) -> None:
+    """The checkpoint was trained with this Trainer's ``class_weights`` (older files: None), and its weights in effect are sound."""
+    if saved.get("class_weights") != setting:
+        # Another weighting trains towards another objective: that is a new run, not this one resumed.
+        raise CheckpointError(
+            f"checkpoint {source!r} was trained with class_weights={saved.get('class_weights')!r:.80} but "
+            f"this Trainer has class_weights={setting!r:.80}; build the Trainer with "
+            f"class_weights={saved.get('class_weights')!r:.80} to resume it"
+        )
+    weights = saved.get("class_weights_in_effect")
+    if weights is not None and not (
+        isinstance(weights, list)
+        and weights
+        and all(type(w) in (int, float) and math.isfinite(w) and w >= 0 for w in weights)
+    ):
+        raise CheckpointError(
+            f"checkpoint {source!r} is damaged: trainer field 'class_weights_in_effect' is not a list "
+            f"of finite numbers >= 0 but {weights!r:.80}"
         )
 
 

@@ -216,7 +216,8 @@ def balance_warning(names: Sequence[str], supports: Sequence[int]) -> str | None
     return (
         f"**Warning: the classes are imbalanced beyond 3:1** ({names[largest]!r} has {big} samples, "
         f"{names[smallest]!r} {small}: {ratio}). Accuracy favours the large classes: read balanced "
-        f"accuracy and per-class recall, and consider more data or class weights for the small ones."
+        f"accuracy and per-class recall, and consider more data for the small ones, or weighting the "
+        f'loss: `Trainer(class_weights="balanced")` (`vggtransfer train --class-weights balanced`).'
     )
 
 

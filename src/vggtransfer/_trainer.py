@@ -3,8 +3,8 @@
 The loop is :meth:`Trainer.fit` and its two epoch halves. The rest lives in the module named
 after it: ``_runtime`` (device, torchrun, precision, layout, DDP/compile), ``_sources`` with
 ``_feature_cache`` (images or cached features), ``_optimizer`` (optimizer and schedule),
-``_early_stopping`` (best epoch), ``_checkpoint`` (payload, checks, epoch files), ``_predict``,
-``_tta`` and ``_lr_finder``.
+``_early_stopping`` (best epoch), ``_checkpoint`` (payload, checks, epoch files), ``_class_weights``
+(the weighted training loss), ``_callbacks``, ``_predict``, ``_tta`` and ``_lr_finder``.
 """
 
 from __future__ import annotations
@@ -19,14 +19,9 @@ import torch
 from torch import nn
 
 from ._arguments import check_cache_dir, check_epochs, check_trainer_inputs
-from ._checkpoint import (
-    EpochFiles,
-    TrainingObjects,
-    check_savable,
-    make_payload,
-    read_resume,
-    write_on_rank_zero,
-)
+from ._callbacks import Callback, Callbacks
+from ._checkpoint import EpochFiles, TrainingObjects, load_trainer, save_trainer
+from ._class_weights import ClassWeights, ClassWeightsSetting
 from ._early_stopping import BestTracker, EarlyStopping
 from ._feature_cache import CacheMode, FeatureCache
 from ._heads import known_output_count, output_count
@@ -36,7 +31,7 @@ from ._metrics import ConfusionMatrix, RunningMean, check_finite_loss
 from ._optimizer import build_optimizer, build_scheduler, step_scheduler, unfreeze_into
 from ._predict import PredictInput, Prediction, names_for, predict
 from ._progress import make_progress
-from ._rng import epoch_rng, restore_rng
+from ._rng import epoch_rng
 from ._runtime import Precision, PrecisionName, Runtime, eval_mode, unwrap
 from ._sources import BatchSource, Data, batch_source, class_names_of
 from ._transforms import ImageTransform, default_transform
@@ -93,6 +88,13 @@ class Trainer:
         compile_model: Run the training and evaluation steps through ``torch.compile`` (the
             head's alone on cached features). Meant for GPUs: the first step compiles (about a
             minute for VGG16); results agree with an uncompiled run within float tolerance.
+        class_weights: Weight the training loss per class, as Keras' ``class_weight``: a list of
+            one weight per class, or ``"balanced"`` for ``n_samples / (n_classes * count)`` from
+            the training labels at ``fit`` (see :attr:`class_weights`). Validation and
+            :meth:`evaluate` losses stay unweighted, comparable across runs.
+        callbacks: Objects with ``on_epoch_end(record)`` and/or ``on_fit_end(history)``
+            (:class:`Callback`), such as :class:`CSVLogger` and :class:`TensorBoardLogger`;
+            called in order, on rank 0 only under torchrun.
 
     Example:
         >>> import torch, vggtransfer as vt
@@ -126,12 +128,15 @@ class Trainer:
         channels_last: bool | Literal["auto"] = "auto",
         compile_features: bool = False,
         compile_model: bool = False,
+        class_weights: ClassWeightsSetting = None,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         # Everything is checked before the model moves or the process joins a torchrun group.
-        self.lr, self.seed, self.class_names = check_trainer_inputs(
-            model, optimizer=optimizer, lr=lr, loss_fn=loss_fn, scheduler=scheduler,
-            class_names=class_names, transform=transform, seed=seed,
+        self.lr, self.seed, self.class_names, weights, hooks = check_trainer_inputs(
+            model, optimizer=optimizer, lr=lr, loss_fn=loss_fn, scheduler=scheduler, class_names=class_names,
+            transform=transform, seed=seed, class_weights=class_weights, callbacks=callbacks,
         )  # fmt: skip
+        self._weights = ClassWeights(weights)
         folder = check_cache_dir(cache_dir, "Trainer")
         self._cache = FeatureCache(cache_features, folder, compile_features, cache_views, persist_cache)
         self.runtime = Runtime.start(
@@ -145,6 +150,8 @@ class Trainer:
         self.scaler = self.runtime.precision.make_scaler()
         self.transform = transform if transform is not None else default_transform(self.network)
         self.progress = make_progress(progress and self.runtime.rank == 0)  # rank 0 alone prints
+        self._callbacks = Callbacks(hooks, self.runtime.rank)  # rank 0 alone calls them too
+        self._train_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self.loss_fn
         self.epoch = 0
         self.global_step = 0
         self.history = History()
@@ -180,6 +187,11 @@ class Trainer:
     def world_size(self) -> int:
         """Number of torchrun processes (1 alone)."""
         return self.runtime.world_size
+
+    @property
+    def class_weights(self) -> list[float] | None:
+        """The class weights in effect: those given, ``"balanced"``'s once ``fit`` computed them, or None."""
+        return self._weights.weights
 
     @property
     def cache_report(self) -> dict[str, str]:
@@ -237,16 +249,13 @@ class Trainer:
             KeyboardInterrupt: after saving ``interrupted.pt``.
         """
         epochs = check_epochs(epochs)
-        self._best.watch(early_stopping, has_val=val is not None)
-        files = EpochFiles(checkpoint_dir)
-        train_source = self._source(train, "fit(train)", batch_size, num_workers, shuffle=True)
-        val_source = None if val is None else self._source(val, "fit(val)", batch_size, num_workers)
-        self.class_names = class_names_of(train, self.class_names, known_output_count(self.network))
+        files, sources = self._prepare(train, val, batch_size, num_workers, early_stopping, checkpoint_dir)
         try:
             while self.epoch < epochs:
-                record = self._run_epoch(train_source, val_source, epochs)
+                record = self._run_epoch(*sources, epochs)
                 improved = self._best.update(record, self.network)
                 files.after_epoch(self.save_checkpoint, improved=improved)
+                self._callbacks.epoch_end(record)  # after the checkpoints: a raising callback loses nothing
                 if self._best.should_stop:
                     self.progress.message(self._best.stop_message())
                     break
@@ -254,7 +263,24 @@ class Trainer:
             files.interrupted(lambda path: self.save_checkpoint(path, interrupted=True), self.progress)
             raise
         self._best.restore(self.network)
+        self._callbacks.fit_end(self.history)
         return self.history
+
+    def _prepare(
+        self, train: Data, val: Data | None, batch_size: int, num_workers: int | None,
+        early_stopping: EarlyStopping | None, checkpoint_dir: str | os.PathLike[str] | None,
+    ) -> tuple[EpochFiles, tuple[BatchSource, BatchSource | None]]:  # fmt: skip
+        """Check fit's arguments, in this order, then make the data sources and the training loss."""
+        self._best.watch(early_stopping, has_val=val is not None)
+        files = EpochFiles(checkpoint_dir)
+        train_source = self._source(train, "fit(train)", batch_size, num_workers, shuffle=True)
+        val_source = None if val is None else self._source(val, "fit(val)", batch_size, num_workers)
+        outputs = known_output_count(self.network)
+        self.class_names = class_names_of(train, self.class_names, outputs)
+        self._train_loss = self._weights.training_loss(
+            train, self.loss_fn, outputs=outputs, names=self.class_names, device=self.device
+        )
+        return files, (train_source, val_source)
 
     def _run_epoch(self, train: BatchSource, val: BatchSource | None, epochs: int) -> dict[str, float]:
         """Train one epoch, evaluate, step the schedule, record."""
@@ -285,7 +311,7 @@ class Trainer:
         meter = RunningMean(self.device)
         self.progress.start_epoch(epoch, epochs, source.steps, "train")
         for step, batch in enumerate(source.batches(epoch), start=1):
-            logits, targets, loss = self._forward(source, batch)
+            logits, targets, loss = self._forward(source, batch, self._train_loss)
             # One sync per step, for the NaN check. Under torchrun it must agree on every process
             # (a NaN on one alone would leave the others waiting in backward).
             loss_value = self.runtime.mean_across(loss)
@@ -305,20 +331,23 @@ class Trainer:
         meter = RunningMean(self.device)
         with eval_mode(self.model), torch.no_grad():
             for batch in source.batches(0):
-                logits, targets, loss = self._forward(source, batch)
+                logits, targets, loss = self._forward(source, batch, self.loss_fn)
                 meter.update(loss, logits, targets)
                 if confusion is not None:
                     confusion.update(logits, targets)
         return RunningMean.summarise(self.runtime.sum_across(meter.totals()))
 
     def _forward(
-        self, source: BatchSource, batch: tuple[torch.Tensor, torch.Tensor]
+        self,
+        source: BatchSource,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        loss_fn: Callable[..., torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The step both phases share: to the device, autocast, forward, loss. Logits are fp32."""
         inputs, targets = self.runtime.to_device(batch[0]), batch[1].to(self.device, non_blocking=True)
         with self.runtime.autocast():
             logits = source.forward(inputs)
-            loss = self.loss_fn(logits, targets)
+            loss = loss_fn(logits, targets)
         return logits.float(), targets, loss
 
     # fmt: off
@@ -441,58 +470,29 @@ class Trainer:
             CheckpointError: the weights hold NaN or infinity (nothing is written), or
                 ``head_only`` was asked for a backbone that cannot be rebuilt.
         """
-        network = self.network
-        counters = {
-            "epoch": self.epoch, "global_step": self.global_step, "interrupted": interrupted,
-            "seed": self.seed, "lr": self.lr, "precision": self.precision.name, "unfreeze_lr": self.unfreeze_lr,
-            "cache_views": self._cache.views, "history": self.history.to_dict(),
-        }  # fmt: skip
-        # Checked by every process (they hold the same weights), so that all raise together.
-        fields = check_savable(
-            network, head_only=head_only,
-            fields={"class_names": self.class_names, "extra": self.extra if extra is None else extra, "counters": counters},
+        return save_trainer(
+            self, path, self._training_objects(), head_only=head_only, training_state=training_state,
+            interrupted=interrupted, extra=extra,
         )  # fmt: skip
-        path = Path(path)
-        objects = self._training_objects() if training_state else None
-        # Under torchrun rank 0 alone writes; every process learns whether it could.
-        write_on_rank_zero(
-            lambda: make_payload(
-                network, head_only=head_only, transform=self.transform, objects=objects, **fields
-            ),
-            path,
-            self.runtime,
-        )
-        return path
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Restore a checkpoint into this Trainer, to continue training exactly where it stopped.
 
         Build the Trainer as the one that saved was built (architecture, head, optimizer type,
         ``cache_views``); weights, optimizer, scheduler, scaler, epoch, history, early stopping,
-        class names, transform and random states are restored, and an unfreeze is repeated.
-        Everything is checked before anything changes: on any error the Trainer is as it was.
+        class names, transform, class weights in effect and random states are restored, and an
+        unfreeze is repeated. Everything is checked before anything changes: on any error the
+        Trainer is as it was.
 
         Raises:
             CheckpointError: unreadable or unsafe file, unknown format version, other
                 architecture, other class count or names, missing or unexpected weights,
-                shape mismatches, NaN weights, or an optimizer of another shape.
+                shape mismatches, NaN weights, an optimizer of another shape, or another
+                ``class_weights`` setting (the run would train towards another objective).
         """
-        point = read_resume(
-            path, network=self.network, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-            class_names=self.class_names, unfrozen=self.unfreeze_lr is not None, cache_views=self._cache.views,
-        )  # fmt: skip
-        # Everything checked: apply.
-        if point.unfreeze_lr is not None:
-            self.unfreeze_features(lr=point.unfreeze_lr)
-        point.apply(self.network, self._training_objects())
-        self.epoch, self.global_step, self.seed = point.epoch, point.global_step, point.seed
-        self.history = point.history
-        if point.class_names is not None:
-            self.class_names = point.class_names
-        if point.transform is not None:
-            self.transform = point.transform
-        self.extra = point.extra
-        restore_rng(point.rng)
+        load_trainer(self, path, self._training_objects())
 
     def _training_objects(self) -> TrainingObjects:
-        return TrainingObjects(self.optimizer, self.scheduler, self.scaler, self._best)
+        return TrainingObjects(
+            self.optimizer, self.scheduler, self.scaler, self._best, self._cache.views, self._weights
+        )
