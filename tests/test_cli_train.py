@@ -24,7 +24,7 @@ from vggtransfer.data import DogsVsCats
 
 RUN_FILES = {
     "best.pt", "last.pt", "metrics.json", "curves.png", "confusion_matrix.png", "errors.png",
-    "misclassified.csv", "report.md",
+    "misclassified.csv", "report.md", "history.csv",
 }  # fmt: skip
 
 FACTORIES = """
@@ -126,6 +126,8 @@ def test_metrics_and_report_agree_with_each_other_and_with_best_pt(
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]  # 3 head epochs, then 1 fine-tuning epoch
     assert "features_lr" in history[-1] and "features_lr" not in history[0]
     assert metrics["best_epoch"] == min(history, key=lambda r: r["val_loss"])["epoch"]
+    logged = list(csv.DictReader((out / "history.csv").open()))  # the live log: the same epochs
+    assert [float(r["val_loss"]) for r in logged] == [r["val_loss"] for r in history]
     val = metrics["val"]
     rows = list(csv.DictReader((out / "misclassified.csv").open()))
     assert len(rows) == round(val["count"] * (1 - val["accuracy"]))  # one row per error
@@ -495,5 +497,32 @@ def test_ctrl_c_keeps_the_finished_epochs_and_exits_130(
     status, _, err = _run([*argv, "--batch-size", "4", "--device", "cpu"], capsys)
     assert status == 130 and err.endswith("vggtransfer: interrupted\n")
     run = folders / "runs" / "train"
-    assert {p.name for p in run.iterdir()} == {"best.pt", "last.pt", "interrupted.pt"}
+    assert {p.name for p in run.iterdir()} == {"best.pt", "last.pt", "interrupted.pt", "history.csv"}
+    assert [row["epoch"] for row in csv.DictReader((run / "history.csv").open())] == ["1"]
     assert torch.load(run / "last.pt", weights_only=True)["trainer"]["epoch"] == 1
+
+
+def test_class_weights_weight_the_loss_and_the_report_says_so(
+    factory_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photos.class_folders(factory_folder / "imbalanced", {"cats": 9, "dogs": 2})
+    argv = ["train", "imbalanced", "--val", "pets", "--arch", "my_models:tiny", *TRAIN_TINY]
+    status, _, err = _run([*argv, "--class-weights", "balanced", "--tensorboard", "--out", "run"], capsys)
+    assert status == 0, err
+    metrics = json.loads(Path("run/metrics.json").read_text())
+    assert metrics["class_weights"] == pytest.approx([11 / (2 * 9), 11 / (2 * 2)])
+    report = Path("run/report.md").read_text()
+    assert "Training data: **Warning: the classes are imbalanced beyond 3:1** ('cats' has 9 samples" in report
+    assert "The training loss was weighted per class (cats 0.611, dogs 2.75)." in report
+    assert any(Path("run/tensorboard").glob("events.out.tfevents.*"))
+    status, _, err = _run([*argv, "--class-weights", "1,2,3", "--out", "other"], capsys)
+    assert status == 2 and err.startswith(
+        "vggtransfer train: error: got 3 --class-weights [1.0, 2.0, 3.0] but the model has 2 classes"
+    )
+    status, _, err = _run([*argv, "--class-weights", "1,x", "--out", "other"], capsys)
+    assert (status, err) == (
+        2,
+        "vggtransfer train: error: expected --class-weights to be balanced or one number per class, "
+        "such as 1,4, but got '1,x'\n",
+    )
+    assert not Path("other").exists()

@@ -128,15 +128,18 @@ def open_checkpoint(path: Path, arch: str | None, device: str = "cpu") -> Loaded
 
 
 def make_trainer(model: Any, **options: Any) -> Trainer:
-    """A Trainer; an unknown ``--device`` or ``--precision`` is a usage error."""
+    """A Trainer; a value it refuses (``--device``, ``--class-weights``, ...) is a usage error."""
     try:
         return Trainer(model, **options)
     except (ValueError, TypeError) as error:
-        raise UsageError(
+        message = (
             str(error)
-            .replace("Trainer: expected device", "expected --device")
-            .replace("Trainer: expected precision", "expected --precision")
-        ) from None
+            .removeprefix("Trainer: ")
+            .replace("class_weights='balanced'", "--class-weights balanced")
+        )
+        for name in ("device", "precision", "class_weights", "cache_views", "lr"):
+            message = message.replace(name, "--" + name.replace("_", "-"), 1) if name in message else message
+        raise UsageError(message) from None
 
 
 def describe_model(model: Any) -> str:

@@ -39,6 +39,7 @@ from ._cli_common import (
 from ._cli_data import add_validation, check_validation, read_train_and_val, with_transforms
 from ._freeze import freeze_features
 from ._heads import replace_classifier
+from ._loggers import CSVLogger, TensorBoardLogger
 from ._models import Weights
 from ._plotting import pyplot
 from ._report import balance_warning, write_report
@@ -77,6 +78,13 @@ def add_parser(commands: Any) -> None:
     train.add_argument(
         "--cache-views", type=int, default=None, metavar="K", help="with --augment: cache K views"
     )
+    train.add_argument(
+        "--class-weights",
+        default=None,
+        metavar="W",
+        help="balanced, or one weight per class: 1,4 (weights the loss)",
+    )
+    train.add_argument("--tensorboard", action="store_true", help="also log every epoch for TensorBoard")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     train.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     train.add_argument("--seed", type=int, default=0)
@@ -85,7 +93,7 @@ def add_parser(commands: Any) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    spec, weights, out = _check(args)
+    spec, weights, out, loggers = _check(args)
     timings: dict[str, float] = {}
     with _phase(timings, "scan"):
         data, val = read_train_and_val(args)
@@ -99,6 +107,7 @@ def _train(args: argparse.Namespace) -> int:
     trainer = make_trainer(
         model, lr=args.lr, device=args.device, precision=args.precision, seed=args.seed,
         class_names=data.classes, transform=transform, cache_views=args.cache_views,
+        class_weights=_class_weights(args.class_weights), callbacks=loggers,
     )  # fmt: skip
     command = shlex.join(["vggtransfer", "train", *args.argv])
     # Plain data in every checkpoint: how to rerun, and which images validated (to evaluate again).
@@ -109,7 +118,7 @@ def _train(args: argparse.Namespace) -> int:
     with _phase(timings, "report"):
         evaluation = write_report(
             trainer, val_set, out, batch_size=args.batch_size, num_workers=None, scan=scan_of(data),
-            model=describe_model(trainer.network), timings=dict(timings), command=command,
+            model=_model_summary(trainer), timings=dict(timings), command=command,
             summary=_data_summary(args, train_set, val_set, test, data.classes),
         )  # fmt: skip
         trainer.history.plot(out / "curves.png")
@@ -122,8 +131,8 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check(args: argparse.Namespace) -> tuple[ArchSpec, Weights, Path]:
-    """Every option, before any folder is scanned: the spec, the weights, the run folder."""
+def _check(args: argparse.Namespace) -> tuple[ArchSpec, Weights, Path, list[Any]]:
+    """Every option, before any folder is scanned: the spec, the weights, the run folder, the loggers."""
     for folder, what in ((args.data, "DATA"), (args.test, "--test")):
         check_folder(folder, what)
     check_validation(args)
@@ -151,7 +160,28 @@ def _check(args: argparse.Namespace) -> tuple[ArchSpec, Weights, Path]:
         raise UsageError(
             f"--out {str(out)!r} exists and is not an empty folder; a run never overwrites another"
         )
-    return spec, weights, out
+    _class_weights(args.class_weights)
+    return spec, weights, out, _loggers(out, args.tensorboard)
+
+
+def _class_weights(text: str | None) -> str | list[float] | None:
+    """``--class-weights``: ``balanced`` or comma-separated numbers (the Trainer checks the values)."""
+    if text is None or text == "balanced":
+        return text
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(
+            f"expected --class-weights to be balanced or one number per class, such as 1,4, but got {text!r}"
+        ) from None
+
+
+def _loggers(out: Path, tensorboard: bool) -> list[Any]:
+    """history.csv, rewritten after every epoch so that a long run can be watched; TensorBoard's events."""
+    loggers: list[Any] = [CSVLogger(out / "history.csv")]
+    if tensorboard:
+        loggers.append(TensorBoardLogger(out / "tensorboard"))
+    return loggers
 
 
 @contextmanager
@@ -209,6 +239,7 @@ def _write_metrics(
         "arch": spec.text,
         "class_names": trainer.class_names,
         "data": {"images": len(data), "bad_files": len(data.bad_files)},
+        "class_weights": trainer.class_weights,
         "best_epoch": int(best["epoch"]),
         "history": list(trainer.history),
         **{split: _plain(metrics) for split, metrics in results.items()},
@@ -247,3 +278,14 @@ def _data_summary(args: argparse.Namespace, train: Any, val: Any, test: Any, nam
     text += f"; tested on {len(test)} images of `{args.test}`." if test is not None else "."
     warning = balance_warning(names, counts)
     return text + (f"\n\nTraining data: {warning}" if warning else "")
+
+
+def _model_summary(trainer: Trainer) -> str:
+    """report.md's model section: how it was built, and the class weights of its training loss."""
+    text = describe_model(trainer.network)
+    if trainer.class_weights is not None:
+        weights = ", ".join(
+            f"{n} {w:.3g}" for n, w in zip(trainer.class_names or [], trainer.class_weights, strict=True)
+        )
+        text += f" The training loss was weighted per class ({weights})."
+    return text

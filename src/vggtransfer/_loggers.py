@@ -37,7 +37,8 @@ class CSVLogger:
     first): keys that appear later, such as ``features_lr`` after :meth:`Trainer.unfreeze_features`,
     add a column, and earlier rows leave it empty. Numbers are written exactly (``repr``), so
     reading them back gives the History's values. The file is rewritten atomically after each
-    epoch: it always holds a complete log, even if the process is killed. Its folder is created.
+    epoch: it always holds a complete log, even if the process is killed. Its folder is created
+    at the first epoch, so that making a logger writes nothing.
 
     Resuming: the rows of epochs before the first epoch this ``fit`` trains are kept, the rest
     replaced, so a resumed run's log continues its own. The logger never destroys other data: a
@@ -68,7 +69,6 @@ class CSVLogger:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = _path(path, "path", "CSVLogger")
         _read_log(self.path)  # refuse a file that is not a log now, before any training
-        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def on_epoch_end(self, record: dict[str, float]) -> None:
         """Rewrite the log with this epoch's row, after the rows of the epochs before it."""
@@ -81,6 +81,7 @@ class CSVLogger:
         writer = csv.DictWriter(text, fieldnames=columns, restval="", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, text.getvalue())
 
     def __repr__(self) -> str:
