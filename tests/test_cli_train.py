@@ -526,3 +526,22 @@ def test_class_weights_weight_the_loss_and_the_report_says_so(
         "such as 1,4, but got '1,x'\n",
     )
     assert not Path("other").exists()
+
+
+def test_load_model_refuses_a_model_of_another_factory(
+    factory_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vggtransfer._arch_spec import parse_arch
+
+    assert _run(["train", "pets", "--arch", "my_models:tiny", *TRAIN_TINY, "--out", "run"], capsys)[0] == 0
+    other = vt.replace_classifier(vt.freeze_features(parse_arch("my_models:other").build()), 2)
+    before = [p.clone() for p in other.parameters()]
+    with pytest.raises(vt.CheckpointError) as caught:
+        vt.load_model("run/best.pt", model=other)
+    assert str(caught.value) == (
+        "checkpoint 'run/best.pt' was saved from a model built by the factory 'my_models:tiny' but this "
+        "model was built by 'my_models:other'; build it with 'my_models:tiny'"
+    )
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters(), strict=True))  # unchanged
+    same = vt.replace_classifier(vt.freeze_features(parse_arch("my_models:tiny").build()), 2)
+    assert vt.load_model("run/best.pt", model=same).class_names == ["cats", "dogs"]

@@ -93,7 +93,7 @@ def plain(value: Any, where: str) -> Any:
 def check_identity(
     data: dict[str, Any], network: nn.Module, class_names: list[str] | None, *, source: str
 ) -> None:
-    """Same architecture, one class name per output, the same names as the Trainer's."""
+    """Same architecture (or factory), one class name per output, the same names as the Trainer's."""
     saved_arch = data["build"].get("arch")
     my_arch = build_spec(network).get("arch")
     if saved_arch and my_arch and saved_arch != my_arch:
@@ -101,6 +101,12 @@ def check_identity(
             f"checkpoint {source!r} was saved from a {saved_arch!r} model but this model is a "
             f"{my_arch!r}; build the same architecture (vt.create_model({saved_arch!r}, ...)) or use "
             f"vt.load_model(path)"
+        )
+    saved_factory, my_factory = data["build"].get("factory"), build_spec(network).get("factory")
+    if saved_factory and my_factory and saved_factory != my_factory:
+        raise CheckpointError(
+            f"checkpoint {source!r} was saved from a model built by the factory {saved_factory!r} but this "
+            f"model was built by {my_factory!r}; build it with {saved_factory!r}"
         )
     saved_names = data.get("class_names")
     if saved_names is not None and not (
