@@ -144,14 +144,16 @@ def run(args: argparse.Namespace, command: str) -> int:
 
     # 9. The report: per-class metrics, confusion matrix, the worst errors as a picture and a CSV.
     # vt.write_report evaluates in one process, so under torchrun it is left out.
-    description = f"{args.arch} ({args.weights} weights), features frozen, classifier {args.method}d"
     if trainer.world_size > 1:
-        print(f"skipped the report: vt.write_report runs in one process, not {trainer.world_size}")
+        print(
+            f"skipped the report: vt.write_report runs in one process, not {trainer.world_size} "
+            f"(write it from {args.out / 'last.pt'} in a single process)"
+        )
     else:
         with optional_plots("the report"):
             vt.write_report(
                 reloaded, val, args.out, batch_size=args.batch_size, num_workers=args.workers,
-                scan=scan, model=description, timings=timings, command=command,
+                scan=scan, model=describe(args, data.classes), timings=timings, command=command,
             )  # fmt: skip
             print(f"wrote the report: {args.out / 'report.md'}")
 
@@ -215,6 +217,17 @@ def count(minimum: int) -> Any:
         return int(text)
 
     return parse
+
+
+def describe(args: argparse.Namespace, classes: list[str]) -> str:
+    """The model, in one line of the report."""
+    weights = "random" if args.weights.lower() == "none" else args.weights
+    head = "classifier replaced" if args.method == "replace" else "head appended"
+    tuned = f", then {args.fine_tune_epochs} more with every layer trained" if args.fine_tune_epochs else ""
+    return (
+        f"{args.arch} ({weights} weights), {head}, {len(classes)} classes, {args.image_size} px; "
+        f"{args.epochs} epochs with the features frozen{tuned}"
+    )
 
 
 def say(*values: Any, **options: Any) -> None:

@@ -93,7 +93,10 @@ def test_example_end_to_end_kaggle_layout(example, tmp_path: Path, capsys) -> No
     assert "Image scan: 20 good images, 3 bad files (left out)." in report
     assert f"| `{train / 'cat.666.jpg'}` | empty file (0 bytes) |" in report
     assert "- accuracy: 1.0000 (6 of 6 correct, 0 errors)" in report
-    assert "## Model\n\nresnet18 (none weights), features frozen, classifier replaced\n" in report
+    assert (
+        "## Model\n\nresnet18 (random weights), classifier replaced, 2 classes, 32 px; 4 epochs with the features frozen\n"
+        in report
+    )
     assert f"```sh\npython examples/dogs_vs_cats.py {shlex.join(argv)}\n```" in report
     assert (out / "misclassified.csv").read_text() == "path,true,predicted,probability\n"
     checkpoint = torch.load(out / "last.pt", weights_only=True)
@@ -121,6 +124,8 @@ def test_example_petimages_layout_with_append_and_fine_tune(example, tmp_path: P
     assert [r.get("features_lr") for r in metrics["history"]] == [None, None, pytest.approx(1e-4)]
     checkpoint = torch.load(out / "last.pt", weights_only=True)
     assert checkpoint["trainer"]["unfreeze_lr"] == pytest.approx(1e-4)
+    model_line = "resnet18 (random weights), head appended, 2 classes, 32 px; 2 epochs with the features "
+    assert model_line + "frozen, then 1 more with every layer trained\n" in (out / "report.md").read_text()
     # append: the whole 1000-class network is kept and the head goes after it, 1000 -> 500 -> 2
     model = checkpoint["model"]
     assert model["net.fc.weight"].shape == (1000, 512) and model["classifier.0.weight"].shape == (500, 1000)
@@ -162,7 +167,7 @@ def test_example_default_data_is_oxford_pets_and_default_weights_come_from_the_c
     # the frozen features are the cached file's, unchanged by training
     model = torch.load(out / "last.pt", weights_only=True)["model"]
     assert torch.equal(model["conv1.weight"], pretrained["conv1.weight"])
-    assert "resnet18 (DEFAULT weights), features frozen" in (out / "report.md").read_text()
+    assert "resnet18 (DEFAULT weights), classifier replaced" in (out / "report.md").read_text()
 
 
 def test_example_offline_without_data_explains_where_to_get_it(
@@ -214,7 +219,10 @@ def test_example_runs_unchanged_under_torchrun(tmp_path: Path) -> None:
     assert result.stdout.count("training resnet18 (replace) on cpu, 2 processes") == 1  # rank 0 alone prints
     assert result.stdout.count("(same)") == 1
     # vt.write_report evaluates in one process: under torchrun the script says so and goes on
-    assert result.stdout.count("skipped the report: vt.write_report runs in one process, not 2") == 1
+    skipped = (
+        f"skipped the report: vt.write_report runs in one process, not 2 (write it from {out / 'last.pt'}"
+    )
+    assert result.stdout.count(skipped) == 1
     assert sorted(p.name for p in out.iterdir()) == sorted(set(OUTPUTS) - set(REPORT))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["counts"] == {"images": 12, "train": 8, "val": 4, "bad": 3}
