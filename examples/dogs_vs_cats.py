@@ -105,7 +105,9 @@ def run(args: argparse.Namespace, command: str) -> int:
     )  # fmt: skip
     trainer.extra["split"] = split.to_dict()  # saved in every checkpoint: which files were validation
     processes = f", {trainer.world_size} processes" if trainer.world_size > 1 else ""
-    say(f"training {args.arch} ({args.method}) on {trainer.device}{processes}, {trainer.precision.name}")
+    say(
+        f"training {args.arch} ({args.method}) on {trainer.device}{processes}, precision {trainer.precision.name}"
+    )
     loading: dict[str, Any] = {"batch_size": args.batch_size, "num_workers": args.workers}
     with timed(timings, "fit"):
         trainer.fit(train, val, epochs=args.epochs, checkpoint_dir=args.out, **loading)
@@ -121,7 +123,8 @@ def run(args: argparse.Namespace, command: str) -> int:
 
     # 7. Evaluate, on the training images (without augmentation) and on the validation images.
     with timed(timings, "evaluate"):
-        train_metrics = trainer.evaluate(split.subsets(data.with_transform(transform))[0], **loading)
+        unaugmented_train, _ = split.subsets(data.with_transform(transform))
+        train_metrics = trainer.evaluate(unaugmented_train, **loading)
         val_metrics = trainer.evaluate(val, **loading)
     say(f"train accuracy {train_metrics['accuracy']:.2%}, validation accuracy {val_metrics['accuracy']:.2%}")
 
@@ -159,8 +162,8 @@ def run(args: argparse.Namespace, command: str) -> int:
 
     # 10. For Kaggle's test1/ folder: submission.csv, id and the probability of a dog.
     if test is not None:
-        csv = args.out / "submission.csv"
-        result = vt.write_kaggle_submission(reloaded, test, csv, batch_size=args.batch_size)
+        submission = args.out / "submission.csv"
+        result = vt.write_kaggle_submission(reloaded, test, submission, batch_size=args.batch_size)
         print(f"wrote {result.path} ({result.rows} rows, {len(result.skipped)} unreadable files skipped)")
 
     # 11. The numbers, and the learning curves.
@@ -202,7 +205,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--val-fraction", type=float, default=0.2)
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     add("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    add("--workers", type=count(0), default=None, help="loader processes (default: cores - 1)")
+    add("--workers", type=count(0), default=None, help="loader processes (%(default)s: one per core but one)")
     add("--seed", type=int, default=0)
     add("--out", type=Path, default=Path("runs/dogs_vs_cats"), help="output folder")
     return parser.parse_args(argv)
@@ -264,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         return run(parse_args(argv), command)
     except ValueError as exc:  # the library checks every option and says what was wrong
         return fail(f"error: {exc}")
+    except KeyboardInterrupt:  # fit has saved interrupted.pt and said where
+        return 130
     finally:
         if torch.distributed.is_initialized():  # joined by the Trainer under torchrun
             torch.distributed.destroy_process_group()
