@@ -49,7 +49,8 @@ Get one of these and pass its folder with --data:
 GET_WEIGHTS = """\
 Cannot load the pretrained weights:
 {error}
-Or run without transfer learning (random weights, much lower accuracy): --weights none"""
+With this script, pass that file as --weights /path/to/the/file.pth, or run without transfer
+learning (random weights, much lower accuracy): --weights none"""
 
 
 def run(args: argparse.Namespace, command: str) -> int:

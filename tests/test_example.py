@@ -205,7 +205,11 @@ def test_example_offline_weights_explains_how_to_provide_them(
     assert err.startswith(
         "Cannot load the pretrained weights:\ncould not download the pretrained weights VGG11_Weights.IMAGENET1K_V1"
     )
-    assert "copy the file to the cache file path above" in err and err.rstrip().endswith("--weights none")
+    assert "copy the file to the cache file path above" in err
+    assert err.endswith(
+        "\nWith this script, pass that file as --weights /path/to/the/file.pth, or run without transfer\n"
+        "learning (random weights, much lower accuracy): --weights none\n"
+    )
     assert not (tmp_path / "out").exists()
 
 
