@@ -29,7 +29,9 @@ from ._cli_common import (
     add_arch,
     arch_of,
     check_folder,
+    check_out,
     check_positive,
+    claim_run_folder,
     describe_model,
     make_trainer,
     read_labelled,
@@ -50,6 +52,10 @@ __all__ = ["add_parser"]
 
 #: The smallest --image-size: VGG's five poolings need at least 32 pixels.
 MIN_IMAGE_SIZE = 32
+#: The largest --image-size: a 4096 px batch of 32 already takes 6 GB before the model sees it.
+MAX_IMAGE_SIZE = 4096
+#: Seeds are 64-bit for torch's generators; the Trainer derives per-epoch seeds below this.
+SEED_LIMIT = 2**63
 
 
 def add_parser(commands: Any) -> None:
@@ -103,6 +109,7 @@ def _train(args: argparse.Namespace) -> int:
     command = shlex.join(["vggtransfer", "train", *args.argv])
     # Plain data in every checkpoint: how to rerun, and which images validated (to evaluate again).
     trainer.extra = {"command": command, **({"split": val.to_dict()} if isinstance(val, Split) else {})}
+    out = claim_run_folder(out, Path("runs") / "train" if args.out is None else None)
     _fit(trainer, train_set, val_set, args, out, timings)
     best = _best_epoch(trainer)
     load_model(out / "best.pt", model=trainer.network, device=trainer.device)  # analyse the best epoch
@@ -133,8 +140,12 @@ def _check(args: argparse.Namespace) -> tuple[ArchSpec, Weights, Path]:
     check_positive(args.lr, "--lr")
     check_positive(args.cache_views, "--cache-views")
     check_positive(args.seed, "--seed", zero=True)
-    if args.image_size is not None and args.image_size < MIN_IMAGE_SIZE:
-        raise UsageError(f"expected --image-size to be {MIN_IMAGE_SIZE} or more but got {args.image_size}")
+    if args.seed >= SEED_LIMIT:
+        raise UsageError(f"expected --seed to be at most 2**63 - 1 but got {args.seed}")
+    if args.image_size is not None and not MIN_IMAGE_SIZE <= args.image_size <= MAX_IMAGE_SIZE:
+        raise UsageError(
+            f"expected --image-size to be {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (pixels) but got {args.image_size}"
+        )
     if args.cache_views is not None and not args.augment:
         raise UsageError("--cache-views caches augmented views of the training images: it needs --augment")
     pyplot("vggtransfer train")  # the run folder's plots need matplotlib: say so now, not after training
@@ -147,10 +158,7 @@ def _check(args: argparse.Namespace) -> tuple[ArchSpec, Weights, Path]:
     text = args.weights or "DEFAULT"
     weights: Weights = None if text.lower() == "none" else text
     out = args.out if args.out is not None else run_folder(Path("runs") / "train")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(
-            f"--out {str(out)!r} exists and is not an empty folder; a run never overwrites another"
-        )
+    check_out(out, {"DATA": args.data, "--val": args.val, "--test": args.test})
     return spec, weights, out
 
 
