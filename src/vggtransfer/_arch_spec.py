@@ -238,6 +238,10 @@ def _where(error: BaseException) -> str:
         return f" ({error.filename}, line {error.lineno})"
     frames = traceback.extract_tb(error.__traceback__)
     # Not vggtransfer's frames, not an installed package's, not importlib's frozen ones.
-    installed = (sys.prefix, sys.base_prefix, str(Path(__file__).parent), "<frozen ")
-    own = [f for f in frames if not f.filename.startswith(installed)] or frames
+    ours = (str(Path(__file__).parent), "<frozen ")
+    installed = (sys.prefix, sys.base_prefix, *ours)
+    # A factory in an installed package: its innermost frame; in C (os.system): no place to name.
+    own = [f for f in frames if not f.filename.startswith(installed)] or [
+        f for f in frames if not f.filename.startswith(ours)
+    ]
     return f" ({own[-1].filename}, line {own[-1].lineno})" if own else ""

@@ -29,6 +29,7 @@ __all__ = [
     "arch_of",
     "check_folder",
     "check_out",
+    "check_outside",
     "check_positive",
     "claim_run_folder",
     "describe_model",
@@ -78,11 +79,16 @@ def check_out(out: Path, inputs: dict[str, Path | None]) -> None:
         raise UsageError(
             f"--out {str(out)!r} exists and is not an empty folder; a run never overwrites another"
         )
+    check_outside(out, "--out", inputs)
+
+
+def check_outside(out: Path, option: str, inputs: dict[str, Path | None]) -> None:
+    """``out`` is not inside an input folder: written files would become images (or classes) of it."""
     for what, folder in inputs.items():
         if folder is not None and out.resolve().is_relative_to(folder.resolve()):
             raise UsageError(
-                f"--out {str(out)!r} is inside {what} {str(folder)!r}; expected a folder outside the "
-                f"images, so that the run's files never mix with them (e.g. the default, runs/...)"
+                f"{option} {str(out)!r} is inside {what} {str(folder)!r}; expected a folder outside the "
+                f"images, so that the files written never mix with them (e.g. runs/...)"
             )
 
 
