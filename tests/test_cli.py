@@ -279,3 +279,20 @@ def test_predict_names_a_file_once_and_keeps_non_utf8_names(checkpoint: Path, tm
         .splitlines()[1]
         .startswith(os.fsencode(tmp_path / "in") + b"/caf\xe9.jpg,")
     )
+
+
+def test_predict_with_no_readable_image_keeps_the_last_csv(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"")
+    (tmp_path / "in" / "b.png").write_bytes(b"\x89PNG truncated")
+    (tmp_path / "predictions.csv").write_text("mine\n")
+    argv = ["predict", str(checkpoint), str(tmp_path / "in"), "--csv", str(tmp_path / "predictions.csv")]
+    status, printed, err = _run(argv, capsys)
+    assert status == 2 and err == (
+        "vggtransfer predict: error: none of the 2 files could be read as an image (see skipped above); "
+        "expected JPEG, PNG, ... images; nothing was written\n"
+    )
+    assert printed.startswith(f"skipped {tmp_path / 'in' / 'a.jpg'}: cannot be read")
+    assert (tmp_path / "predictions.csv").read_text() == "mine\n"

@@ -90,9 +90,14 @@ def _predict(args: argparse.Namespace) -> int:
     trainer = make_trainer(model, device=args.device, class_names=names, transform=transform, progress=False)
     dog = _dog_class(names) if args.kaggle_submission is not None else None
     rows, skipped = _rows(trainer, _Readable(files, transform), args)
-    _write(args.csv, _csv(rows, args.top_k))
     for path, reason in skipped:
         print(_shown(f"skipped {path}: {reason}"))
+    if not rows:  # an empty CSV must not replace the user's last one
+        raise UsageError(
+            _shown(f"none of the {len(files)} files could be read as an image (see skipped above); "
+            f"expected JPEG, PNG, ... images; nothing was written")
+        )  # fmt: skip
+    _write(args.csv, _csv(rows, args.top_k))
     print(f"predicted {len(rows)} images ({len(skipped)} skipped); wrote {args.csv}")
     if dog is not None:
         # From the predictions just made: each image is read and classified once.
