@@ -478,6 +478,11 @@ def test_train_usage_errors_exit_2_before_anything_is_written(
             "expected a file name such as model.onnx",
         ),
         (
+            ["export", "{best}", "--out", "{t}/file.pt/m.onnx"],
+            "vggtransfer export: error: --out '{t}/file.pt/m.onnx' is in '{t}/file.pt', which is a file; "
+            "expected a path in a folder",
+        ),
+        (
             ["export", "{best}", "--out", "{t}/m.onnx", "--format", "tflite"],
             "vggtransfer export: error: argument --format: invalid choice: 'tflite'",
         ),

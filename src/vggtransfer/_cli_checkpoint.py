@@ -82,6 +82,10 @@ def _export(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {str(args.out)!r} is the checkpoint itself; expected another file")
     if args.out.is_dir():
         raise UsageError(f"--out {str(args.out)!r} is a folder; expected a file name such as model.onnx")
+    if args.out.parent.exists() and not args.out.parent.is_dir():
+        raise UsageError(
+            f"--out {str(args.out)!r} is in {str(args.out.parent)!r}, which is a file; expected a path in a folder"
+        )
     model, names, transform = open_checkpoint(args.checkpoint, args.arch)
     with usage_errors(ValueError, TypeError):
         result = export(

@@ -78,7 +78,9 @@ def add_parser(commands: Any) -> None:
         "--lr", type=float, default=1e-3, help="the head's learning rate (fine-tuning: a tenth)"
     )
     train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--image-size", type=int, default=None, help="crop size (default: the weights', 224)")
+    train.add_argument(
+        "--image-size", type=int, default=None, help="crop size, 32 to 4096 (default: the weights', 224)"
+    )
     train.add_argument("--augment", action="store_true", help="random crops and flips of the training images")
     train.add_argument(
         "--cache-views", type=int, default=None, metavar="K", help="with --augment: cache K views"
