@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,25 @@ def test_predict_with_tta_averages_each_image_with_its_mirror(
         ),
         (["scan", "{missing}"], "vggtransfer scan: error: DATA '{missing}' is not a folder"),
         (
+            ["compare", "{images}", "--arch", "resnet18", "--weights", "none", "--out", "{images}/cmp"],
+            "vggtransfer compare: error: --out '{images}/cmp' is inside DATA '{images}'; expected a folder "
+            "outside the images, so that the files written never mix with them (e.g. runs/...)",
+        ),
+        (
+            [
+                "compare",
+                "{images}",
+                "--arch",
+                "resnet18",
+                "--weights",
+                "none",
+                "--out",
+                "{tmp}/predictions.csv",
+            ],
+            "vggtransfer compare: error: --out '{tmp}/predictions.csv' exists and is not an empty folder; "
+            "a run never overwrites another",
+        ),
+        (
             ["predict", "{checkpoint}", "{images}", "--device", "gpu"],
             "vggtransfer predict: error: expected --device to be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or a "
             "torch.device but got 'gpu'",
@@ -213,3 +233,66 @@ def test_compare_ranks_backbones_into_numbered_run_folders(
     assert status == 2 and err.startswith(
         "vggtransfer compare: error: --arch: unknown architecture 'resnet81'; did you mean 'resnet18'"
     )
+
+
+@pytest.mark.parametrize(
+    ("option", "target", "found"),
+    [
+        ("--csv", "{checkpoint}", "is the checkpoint"),
+        ("--csv", "{images}/cats/cats-0.jpg", "is one of the images to predict"),
+        ("--csv", "{images}", "is a folder"),
+        ("--csv", "{tmp}/notes.txt/p.csv", "is in a folder that is a file"),
+        ("--kaggle-submission", "{tmp}/predictions.csv", "is the --csv file too"),
+    ],
+)
+def test_predict_never_writes_over_its_inputs(
+    option: str, target: str, found: str, checkpoint: Path, images: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    (tmp_path / "notes.txt").write_text("mine")
+    files = [checkpoint, *sorted(images.rglob("*")), tmp_path / "notes.txt"]
+    before = {path: path.read_bytes() for path in files if path.is_file()}
+    target = target.format(checkpoint=checkpoint, images=images, tmp=tmp_path)
+    argv = ["predict", str(checkpoint), str(images), "--csv", str(tmp_path / "predictions.csv")]
+    status, _, err = _run([*argv, option, target], capsys)
+    expected = "expected two files" if "--csv" in found else "expected a new or replaceable .csv file"
+    assert (status, err) == (2, f"vggtransfer predict: error: {option} {target!r} {found}; {expected}\n")
+    assert {path: path.read_bytes() for path in before} == before
+    assert not (tmp_path / "predictions.csv").exists()
+
+
+def test_predict_names_a_file_once_and_keeps_non_utf8_names(checkpoint: Path, tmp_path: Path) -> None:
+    photos.class_folders(tmp_path / "in", {"cats": 1})
+    name = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes: not UTF-8, kept as surrogates
+    (tmp_path / "in" / "cats" / "cats-0.jpg").rename(tmp_path / "in" / name)
+    (tmp_path / "in" / os.fsdecode(b"\xff.jpg")).write_bytes(b"broken")
+    twice = str(tmp_path / "in" / ".." / "in" / name)
+    result = subprocess.run(
+        [sys.executable, "-m", "vggtransfer", "predict", str(checkpoint), str(tmp_path / "in"), twice],
+        capture_output=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines()[-1] == "predicted 1 images (1 skipped); wrote predictions.csv"
+    assert (
+        (tmp_path / "predictions.csv")
+        .read_bytes()
+        .splitlines()[1]
+        .startswith(os.fsencode(tmp_path / "in") + b"/caf\xe9.jpg,")
+    )
+
+
+def test_predict_with_no_readable_image_keeps_the_last_csv(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"")
+    (tmp_path / "in" / "b.png").write_bytes(b"\x89PNG truncated")
+    (tmp_path / "predictions.csv").write_text("mine\n")
+    argv = ["predict", str(checkpoint), str(tmp_path / "in"), "--csv", str(tmp_path / "predictions.csv")]
+    status, printed, err = _run(argv, capsys)
+    assert status == 2 and err == (
+        "vggtransfer predict: error: none of the 2 files could be read as an image (see skipped above); "
+        "expected JPEG, PNG, ... images; nothing was written\n"
+    )
+    assert printed.startswith(f"skipped {tmp_path / 'in' / 'a.jpg'}: cannot be read")
+    assert (tmp_path / "predictions.csv").read_text() == "mine\n"

@@ -60,6 +60,12 @@ def number():
 
 def broken():
     return 1 / 0
+
+
+def leave():
+    import sys
+
+    sys.exit(0)
 """
 
 
@@ -296,7 +302,7 @@ def test_a_checkpoint_never_makes_vggtransfer_import_its_factory(
             "my_models:nothing",
             2,
             "vggtransfer train: error: --arch 'my_models:nothing': module 'my_models' has no attribute "
-            "'nothing'; its callables are Tiny, broken, number, other, tiny",
+            "'nothing'; its callables are Tiny, broken, leave, number, other, tiny",
         ),
         (
             "my_models:number",
@@ -309,6 +315,18 @@ def test_a_checkpoint_never_makes_vggtransfer_import_its_factory(
             1,
             "vggtransfer train: failed: FactoryError: --arch 'my_models:broken': calling it raised "
             "ZeroDivisionError: division by zero ({folder}/my_models.py, line {line})",
+        ),
+        (
+            "my_models:leave",
+            1,
+            "vggtransfer train: failed: FactoryError: --arch 'my_models:leave': calling it raised SystemExit "
+            "(sys.exit(0)) instead of returning a model ({folder}/my_models.py, line {exit_line})",
+        ),
+        (
+            "syntax.py:build",
+            1,
+            "vggtransfer train: failed: FactoryError: --arch 'syntax.py:build': importing 'syntax.py' raised "
+            "SyntaxError: invalid syntax ({folder}/syntax.py, line 2)",
         ),
         (
             "not_there:build",
@@ -332,9 +350,12 @@ def test_a_checkpoint_never_makes_vggtransfer_import_its_factory(
 def test_factory_errors_say_what_is_wrong_and_write_nothing(
     arch: str, status: int, message: str, factory_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    (factory_folder / "syntax.py").write_text("import torch\ndef build(:\n")
     result, _, err = _run(["train", "pets", "--arch", arch, *TRAIN_TINY], capsys)
     line = FACTORIES.splitlines().index("    return 1 / 0") + 1
-    assert (result, err) == (status, message.format(folder=factory_folder, line=line) + "\n")
+    exit_line = FACTORIES.splitlines().index("    sys.exit(0)") + 1
+    expected = message.format(folder=factory_folder, line=line, exit_line=exit_line)
+    assert (result, err) == (status, expected + "\n")
     assert not (factory_folder / "runs").exists()
 
 
@@ -363,7 +384,20 @@ def folders(tmp_path: Path) -> Path:
         (["{t}/pets", "--lr", "-0.1"], "expected --lr to be more than 0 but got -0.1"),
         (["{t}/pets", "--lr", "nan"], "expected --lr to be more than 0 but got nan"),
         (["{t}/pets", "--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
-        (["{t}/pets", "--image-size", "16"], "expected --image-size to be 32 or more but got 16"),
+        (["{t}/pets", "--image-size", "16"], "expected --image-size to be 32 to 4096 (pixels) but got 16"),
+        (
+            ["{t}/pets", "--image-size", "100000"],
+            "expected --image-size to be 32 to 4096 (pixels) but got 100000",
+        ),
+        (
+            ["{t}/pets", "--seed", str(2**63)],
+            f"expected --seed to be at most 2**63 - 1 but got {2**63}",
+        ),
+        (
+            ["{t}/pets", "--out", "{t}/pets/cats/run"],
+            "--out '{t}/pets/cats/run' is inside DATA '{t}/pets'; expected a folder outside the images, so "
+            "that the files written never mix with them (e.g. runs/...)",
+        ),
         (
             ["{t}/pets", "--cache-views", "2"],
             "--cache-views caches augmented views of the training images: it needs --augment",
@@ -430,6 +464,11 @@ def test_train_usage_errors_exit_2_before_anything_is_written(
             ["evaluate", "{t}/file.pt", "{t}/pets"],
             "vggtransfer evaluate: error: '{t}/file.pt' is not a vggtransfer checkpoint: it is a text file",
         ),
+        (
+            ["evaluate", "{best}", "{t}/pets", "--report", "{t}/pets/report"],
+            "vggtransfer evaluate: error: --report '{t}/pets/report' is inside DATA '{t}/pets'; expected a "
+            "folder outside the images, so that the files written never mix with them (e.g. runs/...)",
+        ),
         (["export", "{best}"], "vggtransfer export: error: the following arguments are required: --out"),
         (
             ["export", "{best}", "--out", "{best}"],
@@ -439,6 +478,11 @@ def test_train_usage_errors_exit_2_before_anything_is_written(
             ["export", "{best}", "--out", "{t}/full"],
             "vggtransfer export: error: --out '{t}/full' is a folder; "
             "expected a file name such as model.onnx",
+        ),
+        (
+            ["export", "{best}", "--out", "{t}/file.pt/m.onnx"],
+            "vggtransfer export: error: --out '{t}/file.pt/m.onnx' is in '{t}/file.pt', which is a file; "
+            "expected a path in a folder",
         ),
         (
             ["export", "{best}", "--out", "{t}/m.onnx", "--format", "tflite"],
@@ -456,6 +500,7 @@ def test_evaluate_and_export_usage_errors_exit_2(
     assert err.startswith(message.format(t=folders, best=best)), err
     assert err.count("\n") == 1
     assert best.read_bytes() == before and not (folders / "m.onnx").exists()
+    assert not (folders / "pets" / "report").exists()
 
 
 def test_a_missing_extra_is_a_failure_that_says_what_to_install(
@@ -545,3 +590,28 @@ def test_load_model_refuses_a_model_of_another_factory(
     assert all(torch.equal(a, b) for a, b in zip(before, other.parameters(), strict=True))  # unchanged
     same = vt.replace_classifier(vt.freeze_features(parse_arch("my_models:tiny").build()), 2)
     assert vt.load_model("run/best.pt", model=same).class_names == ["cats", "dogs"]
+
+
+def test_two_runs_started_at_once_never_share_the_default_run_folder(
+    folders: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import vggtransfer._cli_train as cli_train
+
+    monkeypatch.chdir(folders)
+    scan = cli_train.read_train_and_val
+
+    def another_run_starts_meanwhile(args: object) -> object:
+        # The other process chose runs/train too, and created it while this one scanned.
+        (folders / "runs" / "train").mkdir(parents=True)
+        (folders / "runs" / "train" / "best.pt").write_bytes(b"the other run's")
+        return scan(args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cli_train, "read_train_and_val", another_run_starts_meanwhile)
+    status, printed, err = _run(
+        ["train", "pets", "--arch", "resnet18", "--weights", "none", *TRAIN_TINY], capsys
+    )
+    assert status == 0, err
+    assert "run folder runs/train2:" in printed
+    assert [p.name for p in (folders / "runs" / "train").iterdir()] == ["best.pt"]
+    assert (folders / "runs" / "train" / "best.pt").read_bytes() == b"the other run's"
+    assert {p.name for p in (folders / "runs" / "train2").iterdir()} == RUN_FILES

@@ -213,15 +213,35 @@ def _call(factory: Callable[[], Any], text: str) -> nn.Module:
 
 
 def _run_user_code(run: Callable[[], Any], doing: str, text: str) -> Any:
-    """Run the user's code; what it raises becomes one line that says where, not vggtransfer's traceback."""
+    """Run the user's code; what it raises becomes one line that says where, not vggtransfer's traceback.
+
+    ``SystemExit`` too: a factory that calls ``sys.exit(0)`` must not end the command with
+    status 0 as if it had succeeded. Ctrl-C (KeyboardInterrupt) is left to stop the command.
+    """
     try:
         return run()
-    except Exception as error:  # anything: it is the user's code, reported with its location
-        frames = traceback.extract_tb(error.__traceback__)
-        # The innermost frame of the user's own files: not vggtransfer's, not an installed package's.
-        installed = (sys.prefix, sys.base_prefix, str(Path(__file__).parent))
-        own = [f for f in frames if not f.filename.startswith(installed)] or frames
-        where = f" ({own[-1].filename}, line {own[-1].lineno})" if own else ""
-        raise FactoryError(
-            f"--arch {text!r}: {doing} raised {type(error).__name__}: {error}{where}"
-        ) from error
+    except (Exception, SystemExit) as error:  # anything: it is the user's code, reported with its location
+        raise FactoryError(f"--arch {text!r}: {doing} raised {_described(error)}{_where(error)}") from error
+
+
+def _described(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        return f"SystemExit (sys.exit({error.code!r})) instead of returning a model"
+    if isinstance(error, SyntaxError):  # its own message already names the file and line
+        return f"{type(error).__name__}: {error.msg}"
+    return f"{type(error).__name__}: {error}"
+
+
+def _where(error: BaseException) -> str:
+    """`` (file, line N)``: the innermost frame of the user's own files, or a syntax error's place."""
+    if isinstance(error, SyntaxError) and error.filename:
+        return f" ({error.filename}, line {error.lineno})"
+    frames = traceback.extract_tb(error.__traceback__)
+    # Not vggtransfer's frames, not an installed package's, not importlib's frozen ones.
+    ours = (str(Path(__file__).parent), "<frozen ")
+    installed = (sys.prefix, sys.base_prefix, *ours)
+    # A factory in an installed package: its innermost frame; in C (os.system): no place to name.
+    own = [f for f in frames if not f.filename.startswith(installed)] or [
+        f for f in frames if not f.filename.startswith(ours)
+    ]
+    return f" ({own[-1].filename}, line {own[-1].lineno})" if own else ""

@@ -11,6 +11,7 @@ from ._cli_common import (
     DATA_HELP,
     UsageError,
     add_arch,
+    check_outside,
     check_positive,
     describe_model,
     make_trainer,
@@ -51,6 +52,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_positive(args.batch_size, "--batch-size")
     if args.report is not None and args.report.exists() and not args.report.is_dir():
         raise UsageError(f"--report {str(args.report)!r} is a file; expected a folder for the report")
+    if args.report is not None:
+        check_outside(args.report, "--report", {"DATA": args.data})
     model, names, transform = open_checkpoint(args.checkpoint, args.arch)
     data = read_labelled(args.data, "DATA", transform)
     if names is not None and data.classes != names:
@@ -79,6 +82,10 @@ def _export(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {str(args.out)!r} is the checkpoint itself; expected another file")
     if args.out.is_dir():
         raise UsageError(f"--out {str(args.out)!r} is a folder; expected a file name such as model.onnx")
+    if args.out.parent.exists() and not args.out.parent.is_dir():
+        raise UsageError(
+            f"--out {str(args.out)!r} is in {str(args.out.parent)!r}, which is a file; expected a path in a folder"
+        )
     model, names, transform = open_checkpoint(args.checkpoint, args.arch)
     with usage_errors(ValueError, TypeError):
         result = export(

@@ -28,7 +28,10 @@ __all__ = [
     "add_arch",
     "arch_of",
     "check_folder",
+    "check_out",
+    "check_outside",
     "check_positive",
+    "claim_run_folder",
     "describe_model",
     "make_trainer",
     "open_checkpoint",
@@ -68,6 +71,41 @@ def run_folder(base: Path) -> Path:
         number += 1
         candidate = base.with_name(f"{base.name}{number}")
     return candidate
+
+
+def check_out(out: Path, inputs: dict[str, Path | None]) -> None:
+    """``--out`` is new or an empty folder, and outside every input folder (the data stays untouched)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(
+            f"--out {str(out)!r} exists and is not an empty folder; a run never overwrites another"
+        )
+    check_outside(out, "--out", inputs)
+
+
+def check_outside(out: Path, option: str, inputs: dict[str, Path | None]) -> None:
+    """``out`` is not inside an input folder: written files would become images (or classes) of it."""
+    for what, folder in inputs.items():
+        if folder is not None and out.resolve().is_relative_to(folder.resolve()):
+            raise UsageError(
+                f"{option} {str(out)!r} is inside {what} {str(folder)!r}; expected a folder outside the "
+                f"images, so that the files written never mix with them (e.g. runs/...)"
+            )
+
+
+def claim_run_folder(out: Path, base: Path | None) -> Path:
+    """Create the run folder just before the first file is written; with ``base``, the next free number.
+
+    ``mkdir`` fails when another process created the folder first, so two runs started at the
+    same time never share (or overwrite) one numbered folder: the later one takes the next number.
+    """
+    while base is not None:
+        try:
+            out.mkdir(parents=True)
+            return out
+        except FileExistsError:
+            out = run_folder(base)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def check_folder(path: Path | None, what: str) -> None:

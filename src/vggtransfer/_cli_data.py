@@ -15,6 +15,8 @@ from ._cli_common import (
     add_arch,
     arch_of,
     check_folder,
+    check_out,
+    claim_run_folder,
     read_labelled,
     run_folder,
     usage_errors,
@@ -79,6 +81,9 @@ def _compare(args: argparse.Namespace) -> int:
     if len(set(args.arch)) < len(args.arch):
         raise UsageError(f"expected distinct --arch values but got {' '.join(args.arch)}")
     specs = [arch_of(text) for text in args.arch]
+    base = Path("runs") / "compare"
+    out = args.out if args.out is not None else run_folder(base)
+    check_out(out, {"DATA": args.data, "--val": args.val})
     train, val = with_transforms(*read_train_and_val(args), None, None)
     pretrained = args.weights.lower() == "default"
     models = {spec.text: _builder(spec, None if pretrained else args.seed) for spec in specs if spec}
@@ -87,7 +92,7 @@ def _compare(args: argparse.Namespace) -> int:
             train, val, models, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
             device=args.device, max_images=args.max_images,
         )  # fmt: skip
-    folder = comparison.save(args.out if args.out is not None else run_folder(Path("runs") / "compare"))
+    folder = comparison.save(claim_run_folder(out, base if args.out is None else None))
     print(comparison.to_markdown())
     print(
         f"wrote {folder / 'comparison.md'}, comparison.json, comparison.png"

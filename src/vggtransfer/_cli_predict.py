@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ._checkpoint_file import atomic_write_text
+from ._checkpoint_file import atomic_write
 from ._cli_common import UsageError, add_arch, check_positive, make_trainer, open_checkpoint
 from ._heads import output_count
 from ._images import to_rgb
@@ -69,7 +69,8 @@ def collect_images(patterns: Sequence[str]) -> list[Path]:
             found += [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
         else:
             raise UsageError(f"PATH {pattern!r} is not a file, a folder or a glob that matches")
-    unique = list(dict.fromkeys(found))  # the same file named twice is predicted once
+    # The same file named twice (a/x.jpg and a/../a/x.jpg, or a link) is predicted once.
+    unique = list({path.resolve(): path for path in reversed(found)}.values())[::-1]
     if not unique:
         raise UsageError(f"found no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(patterns)}")
     return unique
@@ -81,6 +82,7 @@ def _predict(args: argparse.Namespace) -> int:
     if args.kaggle_submission is not None and not (len(args.paths) == 1 and Path(args.paths[0]).is_dir()):
         raise UsageError("--kaggle-submission needs PATH to be one folder: Kaggle's test1/")
     files = collect_images(args.paths)
+    _check_outputs(args, files)
     model, class_names, transform = open_checkpoint(args.checkpoint, args.arch)
     names = class_names or [str(i) for i in range(_outputs(model))]
     if args.top_k > len(names):
@@ -88,18 +90,56 @@ def _predict(args: argparse.Namespace) -> int:
     trainer = make_trainer(model, device=args.device, class_names=names, transform=transform, progress=False)
     dog = _dog_class(names) if args.kaggle_submission is not None else None
     rows, skipped = _rows(trainer, _Readable(files, transform), args)
-    atomic_write_text(args.csv, _csv(rows, args.top_k))
     for path, reason in skipped:
-        print(f"skipped {path}: {reason}")
+        print(_shown(f"skipped {path}: {reason}"))
+    if not rows:  # an empty CSV must not replace the user's last one
+        raise UsageError(
+            _shown(f"none of the {len(files)} files could be read as an image (see skipped above); "
+            f"expected JPEG, PNG, ... images; nothing was written")
+        )  # fmt: skip
+    _write(args.csv, _csv(rows, args.top_k))
     print(f"predicted {len(rows)} images ({len(skipped)} skipped); wrote {args.csv}")
     if dog is not None:
         # From the predictions just made: each image is read and classified once.
-        atomic_write_text(
+        _write(
             args.kaggle_submission,
             submission_csv([(Path(path).stem, dict(ranked)[dog]) for path, ranked in rows]),
         )
         print(f"wrote the Kaggle submission {args.kaggle_submission} ({len(rows)} rows, label = P({dog}))")
     return 0
+
+
+def _check_outputs(args: argparse.Namespace, files: list[Path]) -> None:
+    """--csv and --kaggle-submission name new or replaceable files: never an input, nor each other."""
+    inputs = {path.resolve() for path in files}
+    outputs = [("--csv", args.csv), ("--kaggle-submission", args.kaggle_submission)]
+    for option, target in outputs:
+        if target is None:
+            continue
+        found = (
+            "is a folder" if target.is_dir()
+            else "is the checkpoint" if target.resolve() == args.checkpoint.resolve()
+            else "is one of the images to predict" if target.resolve() in inputs
+            else "is in a folder that is a file" if target.parent.exists() and not target.parent.is_dir()
+            else None
+        )  # fmt: skip
+        if found is not None:
+            raise UsageError(f"{option} {str(target)!r} {found}; expected a new or replaceable .csv file")
+    if args.kaggle_submission is not None and args.kaggle_submission.resolve() == args.csv.resolve():
+        raise UsageError(
+            f"--kaggle-submission {str(args.kaggle_submission)!r} is the --csv file too; expected two files"
+        )
+
+
+def _write(path: Path, text: str) -> None:
+    """Write a CSV atomically; a file name that is not UTF-8 keeps its bytes, so that it opens again."""
+    data = text.encode("utf-8", "surrogateescape")
+    atomic_write(path, lambda raw: raw.write(data), "a CSV file", lambda: len(data))
+
+
+def _shown(text: str) -> str:
+    """``text`` printable on any terminal: a file name's bytes that are not UTF-8 become U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _dog_class(names: list[str]) -> str:

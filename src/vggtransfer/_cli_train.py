@@ -29,7 +29,9 @@ from ._cli_common import (
     add_arch,
     arch_of,
     check_folder,
+    check_out,
     check_positive,
+    claim_run_folder,
     describe_model,
     make_trainer,
     read_labelled,
@@ -51,6 +53,10 @@ __all__ = ["add_parser"]
 
 #: The smallest --image-size: VGG's five poolings need at least 32 pixels.
 MIN_IMAGE_SIZE = 32
+#: The largest --image-size: a 4096 px batch of 32 already takes 6 GB before the model sees it.
+MAX_IMAGE_SIZE = 4096
+#: Seeds are 64-bit for torch's generators; the Trainer derives per-epoch seeds below this.
+SEED_LIMIT = 2**63
 
 
 def add_parser(commands: Any) -> None:
@@ -73,7 +79,9 @@ def add_parser(commands: Any) -> None:
         "--lr", type=float, default=1e-3, help="the head's learning rate (fine-tuning: a tenth)"
     )
     train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--image-size", type=int, default=None, help="crop size (default: the weights', 224)")
+    train.add_argument(
+        "--image-size", type=int, default=None, help="crop size, 32 to 4096 (default: the weights', 224)"
+    )
     train.add_argument("--augment", action="store_true", help="random crops and flips of the training images")
     train.add_argument(
         "--cache-views", type=int, default=None, metavar="K", help="with --augment: cache K views"
@@ -93,7 +101,7 @@ def add_parser(commands: Any) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    spec, weights, out, loggers = _check(args)
+    spec, weights, out = _check(args)
     timings: dict[str, float] = {}
     with _phase(timings, "scan"):
         data, val = read_train_and_val(args)
@@ -104,11 +112,10 @@ def _train(args: argparse.Namespace) -> int:
         model = _model(spec, weights, len(data.classes), args.seed)
         transform = _transform(model, args.image_size)
     train_set, val_set = with_transforms(data, val, _training(transform, args.augment), transform)
-    trainer = make_trainer(
-        model, lr=args.lr, device=args.device, precision=args.precision, seed=args.seed,
-        class_names=data.classes, transform=transform, cache_views=args.cache_views,
-        class_weights=_class_weights(args.class_weights), callbacks=loggers,
-    )  # fmt: skip
+    missing = [folder for folder in out.parents if not folder.exists()]  # made by the claim, deepest first
+    existed = out.exists()
+    out = claim_run_folder(out, Path("runs") / "train" if args.out is None else None)
+    trainer = _make_trainer(model, transform, data.classes, args, out, ([] if existed else [out]) + missing)
     command = shlex.join(["vggtransfer", "train", *args.argv])
     # Plain data in every checkpoint: how to rerun, and which images validated (to evaluate again).
     trainer.extra = {"command": command, **({"split": val.to_dict()} if isinstance(val, Split) else {})}
@@ -131,8 +138,8 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check(args: argparse.Namespace) -> tuple[ArchSpec, Weights, Path, list[Any]]:
-    """Every option, before any folder is scanned: the spec, the weights, the run folder, the loggers."""
+def _check(args: argparse.Namespace) -> tuple[ArchSpec, Weights, Path]:
+    """Every option, before any folder is scanned: the spec, the weights, the run folder."""
     for folder, what in ((args.data, "DATA"), (args.test, "--test")):
         check_folder(folder, what)
     check_validation(args)
@@ -142,8 +149,12 @@ def _check(args: argparse.Namespace) -> tuple[ArchSpec, Weights, Path, list[Any]
     check_positive(args.lr, "--lr")
     check_positive(args.cache_views, "--cache-views")
     check_positive(args.seed, "--seed", zero=True)
-    if args.image_size is not None and args.image_size < MIN_IMAGE_SIZE:
-        raise UsageError(f"expected --image-size to be {MIN_IMAGE_SIZE} or more but got {args.image_size}")
+    if args.seed >= SEED_LIMIT:
+        raise UsageError(f"expected --seed to be at most 2**63 - 1 but got {args.seed}")
+    if args.image_size is not None and not MIN_IMAGE_SIZE <= args.image_size <= MAX_IMAGE_SIZE:
+        raise UsageError(
+            f"expected --image-size to be {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (pixels) but got {args.image_size}"
+        )
     if args.cache_views is not None and not args.augment:
         raise UsageError("--cache-views caches augmented views of the training images: it needs --augment")
     pyplot("vggtransfer train")  # the run folder's plots need matplotlib: say so now, not after training
@@ -156,12 +167,27 @@ def _check(args: argparse.Namespace) -> tuple[ArchSpec, Weights, Path, list[Any]
     text = args.weights or "DEFAULT"
     weights: Weights = None if text.lower() == "none" else text
     out = args.out if args.out is not None else run_folder(Path("runs") / "train")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(
-            f"--out {str(out)!r} exists and is not an empty folder; a run never overwrites another"
-        )
+    check_out(out, {"DATA": args.data, "--val": args.val, "--test": args.test})
     _class_weights(args.class_weights)
-    return spec, weights, out, _loggers(out, args.tensorboard)
+    _loggers(out, args.tensorboard)  # a missing tensorboard extra is said now, not after the scan
+    return spec, weights, out
+
+
+def _make_trainer(
+    model: torch.nn.Module, transform: ImageTransform, classes: list[str], args: argparse.Namespace,
+    out: Path, made: list[Path],
+) -> Trainer:  # fmt: skip
+    """The Trainer, logging into the claimed run folder; an option it refuses removes the ``made`` folders."""
+    try:
+        return make_trainer(
+            model, lr=args.lr, device=args.device, precision=args.precision, seed=args.seed,
+            class_names=classes, transform=transform, cache_views=args.cache_views,
+            class_weights=_class_weights(args.class_weights), callbacks=_loggers(out, args.tensorboard),
+        )  # fmt: skip
+    except UsageError:
+        for folder in made:
+            folder.rmdir()  # still empty: made a moment ago
+        raise
 
 
 def _class_weights(text: str | None) -> str | list[float] | None:
