@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -247,3 +248,13 @@ def test_report_files_get_the_usual_permissions(tmp_path: Path) -> None:
     assert modes == dict.fromkeys(
         ["confusion_matrix.png", "errors.png", "misclassified.csv", "report.md"], 0o644
     )
+
+
+def test_a_file_name_that_is_not_utf8_keeps_its_bytes_in_the_csv(tmp_path: Path) -> None:
+    data = scripted(PAIRS)
+    name = os.fsdecode(b"b\xfe.jpg")  # what the OS hands over for a name that is not UTF-8
+    data.samples = [(f"photos/{name}", true) for true, _ in PAIRS]  # type: ignore[attr-defined]
+    vt.write_report(oracle_trainer(), data, tmp_path, batch_size=4, num_workers=0)
+    raw = (tmp_path / "misclassified.csv").read_bytes()
+    assert b"photos/b\xfe.jpg" in raw  # the path opens again: os.fsencode of the CSV's text
+    (tmp_path / "report.md").read_text(encoding="utf-8")  # still valid UTF-8 for viewers

@@ -130,9 +130,14 @@ def write_files(
     paths = {name: target / name for name in FILES}
     _atomic(paths["confusion_matrix.png"], lambda f: plot_confusion(evaluation, f), binary=True)
     _atomic(paths["errors.png"], lambda f: plot_errors(evaluation, f, top), binary=True)
-    _atomic(paths["misclassified.csv"], lambda f: _write_csv(evaluation, f), binary=False)
+    _atomic(
+        paths["misclassified.csv"],
+        lambda f: _write_csv(evaluation, f),
+        binary=False,
+        errors="surrogateescape",
+    )
     text = markdown(evaluation, **options)
-    _atomic(paths["report.md"], lambda f: f.write(text), binary=False)
+    _atomic(paths["report.md"], lambda f: f.write(text), binary=False, errors="replace")
     return paths
 
 
@@ -174,14 +179,19 @@ def _seconds_by_phase(timings: object) -> bool:
     )
 
 
-def _atomic(path: Path, write: Callable[[IO[Any]], Any], *, binary: bool) -> None:
-    """Write through ``write`` (a binary or a UTF-8 text file) with the library's atomic writer."""
+def _atomic(path: Path, write: Callable[[IO[Any]], Any], *, binary: bool, errors: str = "strict") -> None:
+    """Write through ``write`` (a binary or a UTF-8 text file) with the library's atomic writer.
+
+    ``errors`` says what becomes of a file name that is not UTF-8 (the OS hands it over
+    surrogate-escaped): ``"surrogateescape"`` writes its original bytes, so a CSV's path opens
+    again; ``"replace"`` shows ``?`` instead, so that report.md stays valid UTF-8 for viewers.
+    """
 
     def into(raw: IO[bytes]) -> None:
         if binary:
             write(raw)
             return
-        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        text = io.TextIOWrapper(raw, encoding="utf-8", errors=errors, newline="")
         write(text)
         text.flush()
         text.detach()  # the raw file stays open for the writer to fsync and close
