@@ -119,7 +119,7 @@ def test_train_writes_the_run_folder_and_says_where_everything_is(run: tuple[Pat
         f"  {out / 'best.pt'}   epoch {best} (lowest val_loss, "
         f"{metrics['history'][best - 1]['val_loss']:.4f}); last.pt",
         f"  {out / 'report.md'}   with confusion_matrix.png, errors.png, misclassified.csv",
-        f"  {out / 'metrics.json'}   and curves.png",
+        f"  {out / 'metrics.json'}   and curves.png, history.csv",
     ]
 
 
@@ -615,3 +615,17 @@ def test_two_runs_started_at_once_never_share_the_default_run_folder(
     assert [p.name for p in (folders / "runs" / "train").iterdir()] == ["best.pt"]
     assert (folders / "runs" / "train" / "best.pt").read_bytes() == b"the other run's"
     assert {p.name for p in (folders / "runs" / "train2").iterdir()} == RUN_FILES
+
+
+def test_train_under_torchrun_says_to_use_the_library(
+    folders: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(folders)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in each of its processes
+    status, _, err = _run(["train", "pets", "--arch", "resnet18", "--weights", "none"], capsys)
+    assert (status, err) == (
+        2,
+        "vggtransfer train: error: vggtransfer train runs in one process; under torchrun, train with "
+        "vt.Trainer from a script (examples/dogs_vs_cats.py runs unchanged there, see docs/scaling.md)\n",
+    )
+    assert not (folders / "runs").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import time
 from collections.abc import Iterator
@@ -134,7 +135,7 @@ def _train(args: argparse.Namespace) -> int:
         with _phase(timings, "test"):
             results["test"] = trainer.evaluate(test.with_transform(transform), batch_size=args.batch_size)
     _write_metrics(out, trainer, spec, best, results, timings, command, data)
-    _say_where(out, best, results)
+    _say_where(out, best, results, args.tensorboard)
     return 0
 
 
@@ -157,6 +158,11 @@ def _check(args: argparse.Namespace) -> tuple[ArchSpec, Weights, Path]:
         )
     if args.cache_views is not None and not args.augment:
         raise UsageError("--cache-views caches augmented views of the training images: it needs --augment")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError(
+            "vggtransfer train runs in one process; under torchrun, train with vt.Trainer from a script "
+            "(examples/dogs_vs_cats.py runs unchanged there, see docs/scaling.md)"
+        )
     pyplot("vggtransfer train")  # the run folder's plots need matplotlib: say so now, not after training
     spec = arch_of(args.arch or "vgg16_bn")
     assert spec is not None
@@ -279,7 +285,7 @@ def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
     return {key: metrics[key] for key in keep}
 
 
-def _say_where(out: Path, best: dict[str, float], results: dict[str, Any]) -> None:
+def _say_where(out: Path, best: dict[str, float], results: dict[str, Any], tensorboard: bool) -> None:
     for split, metrics in results.items():
         print(f"{'validation' if split == 'val' else split}: " + "\n".join(metrics_lines(metrics)))
     print(f"run folder {out}:")
@@ -287,7 +293,9 @@ def _say_where(out: Path, best: dict[str, float], results: dict[str, Any]) -> No
         f"  {out / 'best.pt'}   epoch {int(best['epoch'])} (lowest val_loss, {best['val_loss']:.4f}); last.pt"
     )
     print(f"  {out / 'report.md'}   with confusion_matrix.png, errors.png, misclassified.csv")
-    print(f"  {out / 'metrics.json'}   and curves.png")
+    print(
+        f"  {out / 'metrics.json'}   and curves.png, history.csv" + (", tensorboard/" if tensorboard else "")
+    )
 
 
 def _data_summary(args: argparse.Namespace, train: Any, val: Any, test: Any, names: list[str]) -> str:
