@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 import vggtransfer as vt
 from helpers import Named, blobs, toy, trainer, weights_equal
-from vggtransfer._class_weights import WeightedCrossEntropy, training_labels
+from vggtransfer._class_weights import WeightedCrossEntropy
+from vggtransfer._labels import dataset_labels
 
 
 def imbalanced(n0: int, n1: int, seed: int, size: int = 16, signal: float = 0.2) -> TensorDataset:
@@ -98,16 +99,16 @@ class Opaque(Dataset):
         return self.inner[index]
 
 
-def test_training_labels_read_attributes_before_samples() -> None:
+def test_dataset_labels_read_attributes_before_samples() -> None:
     data = imbalanced(3, 2, seed=0)
-    assert training_labels(data) == [0, 0, 0, 1, 1]
-    assert training_labels(Subset(data, [4, 0])) == [1, 0]
-    assert training_labels(DataLoader(data, batch_size=2)) == [0, 0, 0, 1, 1]
+    assert dataset_labels(data, "fit") == [0, 0, 0, 1, 1]
+    assert dataset_labels(Subset(data, [4, 0]), "fit") == [1, 0]
+    assert dataset_labels(DataLoader(data, batch_size=2), "fit") == [0, 0, 0, 1, 1]
     inner = Opaque(data)
     listed = Named(inner, ["cool", "warm"])
     listed.targets = [0, 0, 0, 1, 1]  # type: ignore[attr-defined]  # as ImageFolder records them
-    assert training_labels(Subset(listed, [1, 3])) == [0, 1] and inner.reads == 0
-    assert training_labels(inner) == [0, 0, 0, 1, 1] and inner.reads == 5  # read sample by sample
+    assert dataset_labels(Subset(listed, [1, 3]), "fit") == [0, 1] and inner.reads == 0
+    assert dataset_labels(inner, "fit") == [0, 0, 0, 1, 1] and inner.reads == 5  # read sample by sample
 
 
 BAD_SETTINGS = [
@@ -209,3 +210,13 @@ def test_loading_into_a_trainer_with_other_class_weights_is_refused(tmp_path: Pa
     _fit(unweighted, 1)
     with pytest.raises(vt.CheckpointError, match="was trained with class_weights=None but this Trainer has"):
         trainer(class_weights="balanced").load_checkpoint(unweighted.save_checkpoint(tmp_path / "plain.pt"))
+
+
+def test_dataset_labels_refuse_what_is_not_a_class_index() -> None:
+    data = TensorDataset(torch.zeros(3, 3, 4, 4), torch.tensor([0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError) as caught:
+        dataset_labels(Subset(data, [2, 0]), "fit: class_weights='balanced'")
+    assert str(caught.value) == (
+        "fit: class_weights='balanced': expected every label to be a class index (an int >= 0) but "
+        "sample 0 has 1.0"
+    )

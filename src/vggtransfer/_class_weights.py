@@ -5,7 +5,7 @@ sample's cross-entropy counts in proportion to its class's weight, the batch los
 weighted mean of ``nn.CrossEntropyLoss(weight=w)``. Validation and :meth:`Trainer.evaluate`
 losses stay unweighted, so that they remain comparable between runs with other weights.
 ``"balanced"`` is resolved at ``fit`` from the training labels, read without decoding images
-where the data says what they are (:func:`training_labels`).
+where the data says what they are (``_labels.dataset_labels``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.nn import functional
-from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from ._rng import preserved_rng
+from ._labels import dataset_labels
 
 __all__ = [
     "ClassWeights",
@@ -29,7 +28,6 @@ __all__ = [
     "WeightedCrossEntropy",
     "balanced_weights",
     "check_class_weights",
-    "training_labels",
 ]
 
 #: What ``Trainer(class_weights=...)`` takes.
@@ -113,55 +111,6 @@ def _as_list(value: object) -> list[Any]:
             f"Trainer: expected class_weights to be {_ALLOWED} but got {value!r:.80} ({type(value).__name__})"
         )
     return list(value)
-
-
-def training_labels(data: Any) -> list[int]:
-    """Every label of ``data`` (a Dataset or a DataLoader), in dataset order.
-
-    Read without decoding images where the data says what its labels are: a ``TensorDataset``'s
-    label tensor, the ``targets`` or ``samples`` of ImageFolder and vggtransfer's ImageList and
-    DogsVsCats, also through ``Subset`` and a DataLoader's ``dataset``. Any other dataset is read
-    sample by sample (one decode of every image), and an iterable DataLoader batch by batch.
-
-    Raises:
-        ValueError: a label that is not a class index (an int >= 0).
-    """
-    dataset = data.dataset if isinstance(data, DataLoader) else data
-    found = _recorded_labels(dataset)
-    if found is None:
-        with preserved_rng():  # a random transform draws numbers while samples are read
-            if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
-                found = [dataset[index][1] for index in range(len(dataset))]
-            else:  # an iterable dataset: its loader is the only way to it
-                found = [label for batch in data for label in torch.as_tensor(batch[1]).view(-1)]
-    labels = []
-    for position, label in enumerate(found):
-        value = label.item() if isinstance(label, torch.Tensor) and label.ndim == 0 else label
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-            raise ValueError(
-                f"fit: class_weights='balanced' needs class indices (ints >= 0) as labels but sample "
-                f"{position} has {label!r}"
-            )
-        labels.append(int(value))
-    return labels
-
-
-def _recorded_labels(dataset: Any) -> list[Any] | None:
-    """The labels a dataset records (under any Subsets), or None when it records none."""
-    indices: list[int] | None = None
-    while isinstance(dataset, Subset):
-        indices = [int(dataset.indices[i]) for i in indices] if indices is not None else list(dataset.indices)
-        dataset = dataset.dataset
-    found: Any = None
-    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
-        found = dataset.tensors[1].tolist()
-    elif isinstance(getattr(dataset, "targets", None), (list, tuple, torch.Tensor)):
-        found = list(dataset.targets)
-    elif isinstance(getattr(dataset, "samples", None), list):
-        found = [s[1] if isinstance(s, tuple) and len(s) == 2 else None for s in dataset.samples]
-    if found is None or not hasattr(dataset, "__len__") or len(found) != len(dataset):
-        return None
-    return found if indices is None else [found[i] for i in indices]
 
 
 def balanced_weights(labels: Sequence[int], classes: int, names: Sequence[str] | None = None) -> list[float]:
@@ -248,7 +197,7 @@ class ClassWeights:
         if self.setting is None:
             return default
         if self.setting == "balanced":
-            labels = training_labels(data)
+            labels = dataset_labels(data, "fit: class_weights='balanced'")
             classes = outputs if outputs is not None else len(names) if names else max(labels) + 1
             self.weights = balanced_weights(labels, classes, names)
         assert self.weights is not None

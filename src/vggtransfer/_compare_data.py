@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +19,9 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from ._labels import dataset_labels
 from ._sources import check_data
 from .data import DogsVsCats
 
@@ -164,7 +164,7 @@ def _prepare(data: object, role: str) -> tuple[PreparedSet, list[str] | None]:
     images = _yields_images(data, root, what)
     if not images:
         check_data(data, what, 1)  # tensors and int labels, with the Trainer's messages
-    labels = _labels(data, root, indices, what)
+    labels = dataset_labels(data, what)
     classes = getattr(root, "classes", None)
     names = list(classes) if isinstance(classes, (list, tuple)) and classes else None
     if names is not None and not all(isinstance(name, str) for name in names):
@@ -214,31 +214,6 @@ def _yields_images(data: Dataset[Any], root: Dataset[Any], what: str) -> bool:
             f"returns tensors (then used for every backbone)"
         )
     return True
-
-
-def _labels(data: Dataset[Any], root: Dataset[Any], indices: list[int] | None, what: str) -> list[int]:
-    """Every label of ``data``, in order: from the root's attributes where it has them."""
-    found: Any = None
-    if isinstance(root, TensorDataset) and len(root.tensors) >= 2:
-        found = root.tensors[1].tolist()
-    elif isinstance(getattr(root, "targets", None), (list, tuple, torch.Tensor)):
-        found = list(root.targets)  # type: ignore[attr-defined]
-    elif isinstance(getattr(root, "samples", None), list):
-        found = [sample[1] for sample in root.samples]  # type: ignore[attr-defined]
-    if found is not None and len(found) == len(root):  # type: ignore[arg-type]
-        chosen = found if indices is None else [found[i] for i in indices]
-    else:  # read every sample: the only way to know an opaque dataset's labels
-        chosen = [data[i][1] for i in range(len(data))]  # type: ignore[arg-type]
-    labels = []
-    for position, label in enumerate(chosen):
-        value = label.item() if isinstance(label, torch.Tensor) and label.ndim == 0 else label
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-            raise ValueError(
-                f"{what}: expected every label to be a class index (an int >= 0) but sample {position} "
-                f"has {label!r}"
-            )
-        labels.append(int(value))
-    return labels
 
 
 def stratified_positions(labels: list[int], count: int, seed: int) -> list[int]:
