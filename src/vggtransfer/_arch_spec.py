@@ -8,7 +8,6 @@ loaded only by a user who names the same factory again (:func:`load_for_arch`).
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.util
 import os
@@ -25,6 +24,7 @@ from torch import nn
 
 from ._checkpoint import LoadedModel, load_model
 from ._checkpoint_file import CheckpointError, read_checkpoint
+from ._hints import did_you_mean
 from ._models import Weights, apply_head_record, classification_models, create_model
 from ._spec import record
 from ._timm import TIMM_PREFIX, check_timm_arch
@@ -122,8 +122,7 @@ def check_arch_name(name: str, option: str) -> None:
         return
     known = classification_models()
     if name not in known:
-        close = difflib.get_close_matches(name, known, n=3)
-        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        hint = did_you_mean(name, known)
         raise ValueError(
             f"{option}: unknown architecture {name!r}; {hint}expected {_FORMS} "
             f"(torchvision's names: vt.classification_models())"

@@ -9,7 +9,6 @@ before the next; one that fails is reported in its row and the others go on.
 from __future__ import annotations
 
 import copy
-import difflib
 import gc
 import os
 import secrets
@@ -35,6 +34,7 @@ from ._compare_data import ComparisonData, prepare_data
 from ._comparison import BestCheckpoint, Comparison, attach_checkpoint
 from ._freeze import freeze_features
 from ._heads import find_classifier, replace_classifier
+from ._hints import did_you_mean
 from ._models import classification_models, create_model
 from ._progress import make_progress
 from ._runtime import resolve_device
@@ -225,8 +225,7 @@ def check_model_names(names: list[str]) -> None:
             except ValueError as error:
                 raise ValueError(f"{_CALLER}: {str(error).removeprefix('create_model: ')}") from None
         elif name not in known:
-            close = difflib.get_close_matches(name, known, n=3)
-            hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+            hint = did_you_mean(name, known)
             raise ValueError(
                 f"{_CALLER}: unknown architecture {name!r} in models; {hint}expected torchvision "
                 f"classification models (see vt.classification_models()) or 'timm:NAME'"

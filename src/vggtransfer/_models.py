@@ -16,6 +16,7 @@ import torchvision.models
 from torch import nn
 from torchvision.models import WeightsEnum, get_model, get_model_weights, list_models
 
+from ._hints import did_you_mean
 from ._spec import record
 from ._state_dict import load_exactly, read_state_dict
 
@@ -297,8 +298,7 @@ def _check_arch(arch: object) -> str:
         )
     known = classification_models()
     if arch not in known:
-        close = difflib.get_close_matches(arch, known, n=3)
-        hint = f"did you mean {', '.join(repr(name) for name in close)}? " if close else ""
+        hint = did_you_mean(arch, known)
         raise ValueError(
             f"create_model: unknown arch {arch!r}; {hint}expected one of torchvision's "
             f"classification models ({len(known)} names, see vt.classification_models())"

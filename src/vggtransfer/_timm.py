@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._hints import did_you_mean
 from ._models import WeightsNotAvailableError
 from ._state_dict import as_state_dict, read_state_dict
 
@@ -83,8 +84,7 @@ def check_timm_arch(arch: str) -> str:
     arch_name, _, tag = name.partition(".")
     if not timm.is_model(arch_name):
         known = timm.list_models()
-        close = difflib.get_close_matches(arch_name, known, n=3)
-        hint = f"did you mean {', '.join(repr(TIMM_PREFIX + c) for c in close)}? " if close else ""
+        hint = did_you_mean(arch_name, known, prefix=TIMM_PREFIX)
         raise ValueError(
             f"create_model: unknown timm model {arch!r}; {hint}expected 'timm:' followed by one of "
             f"timm's {len(known)} architectures (see timm.list_models())"
