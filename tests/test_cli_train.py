@@ -629,3 +629,35 @@ def test_train_under_torchrun_says_to_use_the_library(
         "vt.Trainer from a script (examples/dogs_vs_cats.py runs unchanged there, see docs/scaling.md)\n",
     )
     assert not (folders / "runs").exists()
+
+
+def test_default_weights_come_from_torchvisions_cache_and_offline_says_what_to_pass(
+    folders: Path, torch_home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import urllib.error
+
+    from torchvision.models import ResNet18_Weights, resnet18
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.chdir(folders)
+    monkeypatch.setattr(torch.hub, "urlopen", offline)
+    argv = ["train", "pets", "--arch", "resnet18", *TRAIN_TINY]
+    status, _, err = _run([*argv, "--out", "offline"], capsys)
+    assert status == 1 and err.startswith(
+        "vggtransfer train: failed: WeightsNotAvailableError: could not download"
+    )
+    assert err.endswith("With vggtransfer train: --weights /path/to/the/file.pth, or --weights none.\n")
+    assert not (folders / "offline").exists()
+    torch.manual_seed(3)
+    pretrained = resnet18().state_dict()  # stand-in ImageNet weights, under torchvision's file name
+    cached = vt.cached_weights_path(ResNet18_Weights.DEFAULT)
+    assert list(cached.parent.iterdir()) == []  # the failed download left nothing behind
+    torch.save(pretrained, cached)
+    for weights, recorded in ((None, "ResNet18_Weights.IMAGENET1K_V1"), (str(cached), f"file:{cached}")):
+        out = f"run-{len(recorded)}"
+        assert _run([*argv, "--out", out, *(["--weights", weights] if weights else [])], capsys)[0] == 0
+        best = torch.load(folders / out / "best.pt", weights_only=True)
+        assert best["build"]["weights"] == recorded
+        assert torch.equal(best["model"]["conv1.weight"], pretrained["conv1.weight"])  # frozen: as loaded

@@ -43,7 +43,7 @@ from ._cli_data import add_validation, check_validation, read_train_and_val, wit
 from ._freeze import freeze_features
 from ._heads import replace_classifier
 from ._loggers import CSVLogger, TensorBoardLogger
-from ._models import Weights
+from ._models import Weights, WeightsNotAvailableError
 from ._plotting import pyplot
 from ._report import balance_warning, write_report
 from ._trainer import Trainer
@@ -227,7 +227,12 @@ def _model(spec: ArchSpec, weights: Weights, classes: int, seed: int) -> torch.n
     """The backbone with frozen features and a new head; seeded, so a rerun starts from the same head."""
     torch.manual_seed(seed)
     with usage_errors(ValueError, TypeError, FileNotFoundError):
-        backbone = spec.build(weights)
+        try:
+            backbone = spec.build(weights)
+        except WeightsNotAvailableError as error:  # offline: say it in the command's own words
+            raise WeightsNotAvailableError(
+                f"{error}\nWith vggtransfer train: --weights /path/to/the/file.pth, or --weights none."
+            ) from None
         return replace_classifier(freeze_features(backbone), classes)
 
 
