@@ -25,6 +25,13 @@ from helpers import ToyVGG, blobs, toy, trainer, vgg, weights_equal
 from vggtransfer._checkpoint_file import atomic_save, tensor_checksum
 
 
+def small_resnet() -> torch.nn.Module:
+    """A frozen resnet18 with the recipe's head, the same for every call: rebuildable, a twelfth of VGG11."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return vt.replace_classifier(vt.freeze_features(vt.create_model("resnet18", weights=None)), 2)
+
+
 def _fit(t: vt.Trainer, epochs: int) -> None:
     t.fit(blobs(48), blobs(16, seed=7), epochs=epochs, batch_size=8, num_workers=0)
 
@@ -525,7 +532,7 @@ def _save_with_cuda_tags(obj: object, path: Path) -> None:
 def test_checkpoint_written_on_cuda_loads_on_cpu(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA to prove the point")
-    t = trainer(vgg())  # vt.load_model rebuilds it from its build record
+    t = trainer(small_resnet())  # vt.load_model rebuilds it from its build record
     _fit(t, 1)
     path = t.save_checkpoint(tmp_path / "ck.pt")
     data = torch.load(path, weights_only=True)
@@ -535,7 +542,7 @@ def test_checkpoint_written_on_cuda_loads_on_cpu(tmp_path: Path) -> None:
         torch.load(gpu_path, weights_only=True)  # proves the file really names CUDA storages
     model, _, _ = vt.load_model(gpu_path)
     assert weights_equal(model, t.model)
-    fresh = trainer(vgg())
+    fresh = trainer(small_resnet())
     fresh.load_checkpoint(gpu_path)
     assert fresh.epoch == 1
 

@@ -64,11 +64,11 @@ def test_pretrained_googlenet_returns_single_tensor_in_train_mode(torch_home: Pa
 
 
 def test_local_state_dict_file(tmp_path: Path) -> None:
-    expected = _random_state_dict("vgg11")
-    path = tmp_path / "my-vgg11.pth"
+    expected = _random_state_dict("resnet18")  # any architecture: a twelfth of VGG11's bytes
+    path = tmp_path / "my-resnet18.pth"
     torch.save(expected, path)
     for weights in (path, str(path)):
-        model = vt.create_model("vgg11", weights=weights)
+        model = vt.create_model("resnet18", weights=weights)
         assert _same_weights(model, expected)
     assert vt.build_spec(model)["weights"] == f"file:{path.resolve()}"
 
