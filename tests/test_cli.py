@@ -296,3 +296,24 @@ def test_predict_with_no_readable_image_keeps_the_last_csv(
     )
     assert printed.startswith(f"skipped {tmp_path / 'in' / 'a.jpg'}: cannot be read")
     assert (tmp_path / "predictions.csv").read_text() == "mine\n"
+
+
+def test_predict_without_csv_never_replaces_an_earlier_predictions_file(
+    checkpoint: Path,
+    images: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "predictions.csv").write_text("mine\n")
+    status, printed, _ = _run(["predict", str(checkpoint), str(images / "cats")], capsys)
+    assert (
+        status == 0
+        and printed.strip().splitlines()[-1] == "predicted 3 images (0 skipped); wrote predictions2.csv"
+    )
+    assert (tmp_path / "predictions.csv").read_text() == "mine\n"
+    assert len((tmp_path / "predictions2.csv").read_text().splitlines()) == 1 + 3
+    explicit = ["predict", str(checkpoint), str(images / "cats"), "--csv", "predictions.csv"]
+    assert _run(explicit, capsys)[0] == 0  # named: replaced, as documented
+    assert len((tmp_path / "predictions.csv").read_text().splitlines()) == 1 + 3

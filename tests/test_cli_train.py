@@ -112,6 +112,11 @@ def run(workspace: Path) -> tuple[Path, str]:
 def test_train_writes_the_run_folder_and_says_where_everything_is(run: tuple[Path, str]) -> None:
     out, printed = run
     assert {p.name for p in out.iterdir()} == RUN_FILES
+    pets = out.parent / "pets"
+    assert printed.splitlines()[:2] == [
+        f"DATA {pets}: 20 images (cats 10, dogs 10); 1 files left out",
+        f"  left out {pets / 'dogs' / 'broken.jpg'}: not an image (Pillow cannot identify the format)",
+    ]
     metrics = json.loads((out / "metrics.json").read_text())
     best = metrics["best_epoch"]
     assert printed.splitlines()[-4:] == [

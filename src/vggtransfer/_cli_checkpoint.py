@@ -35,14 +35,14 @@ def add_parsers(commands: Any) -> None:
     evaluate.add_argument(
         "--report", type=Path, metavar="DIR", help="write report.md, the plots and misclassified.csv"
     )
-    evaluate.add_argument("--batch-size", type=int, default=32)
-    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--batch-size", type=int, default=32, help="images per step")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     evaluate.set_defaults(run=_evaluate)
     exporting = commands.add_parser(
         "export", help="write an ONNX or TorchScript file, checked against PyTorch"
     )
     exporting.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
-    exporting.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
+    exporting.add_argument("--format", choices=EXPORT_FORMATS, default="onnx", help="the file's format")
     exporting.add_argument("--out", type=Path, required=True, metavar="FILE", help="the file to write")
     add_arch(exporting)
     exporting.set_defaults(run=_export)

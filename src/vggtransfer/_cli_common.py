@@ -33,6 +33,7 @@ __all__ = [
     "check_positive",
     "claim_run_folder",
     "describe_model",
+    "free_file",
     "make_trainer",
     "open_checkpoint",
     "read_labelled",
@@ -49,10 +50,26 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that raises :class:`UsageError` instead of printing usage and exiting."""
+    """argparse that raises :class:`UsageError` instead of printing usage and exiting.
+
+    Its help lists every option's default.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> Any:
         raise UsageError(message)
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except where there is none to show or the text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 @contextmanager
@@ -70,6 +87,20 @@ def run_folder(base: Path) -> Path:
     while candidate.exists():
         number += 1
         candidate = base.with_name(f"{base.name}{number}")
+    return candidate
+
+
+def free_file(path: Path) -> Path:
+    """``path`` if no file has that name yet, else ``stem2.suffix``, ``stem3.suffix``, ...
+
+    Example:
+        >>> free_file(Path("a-name-nobody-has.csv")).name
+        'a-name-nobody-has.csv'
+    """
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.stem}{number}{path.suffix}")
     return candidate
 
 
@@ -125,11 +156,14 @@ def check_positive(value: float | None, option: str, *, zero: bool = False) -> N
         raise UsageError(f"expected {option} to be {bound} but got {value:g}")
 
 
-def add_arch(parser: argparse.ArgumentParser, *, required: bool = False, many: bool = False) -> None:
+def add_arch(
+    parser: argparse.ArgumentParser, *, required: bool = False, many: bool = False, default: str | None = None
+) -> None:
     """The ``--arch SPEC`` option."""
     parser.add_argument(
         "--arch",
         required=required,
+        default=default,
         nargs="+" if many else None,
         metavar="SPEC",
         help="a torchvision name (vgg16_bn), timm:NAME, or module:callable, a factory returning a model",

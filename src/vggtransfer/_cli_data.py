@@ -40,12 +40,17 @@ def add_parsers(commands: Any) -> None:
     add_arch(compare, required=True, many=True)
     compare.add_argument("--weights", default="DEFAULT", help="DEFAULT (pretrained) or none (random, seeded)")
     add_validation(compare)
-    compare.add_argument("--epochs", type=int, default=10)
-    compare.add_argument("--lr", type=float, default=1e-3)
-    compare.add_argument("--batch-size", type=int, default=32)
-    compare.add_argument("--max-images", type=int, default=None)
-    compare.add_argument("--seed", type=int, default=0)
-    compare.add_argument("--device", default="auto")
+    compare.add_argument("--epochs", type=int, default=10, help="epochs training each head")
+    compare.add_argument("--lr", type=float, default=1e-3, help="the heads' learning rate")
+    compare.add_argument("--batch-size", type=int, default=32, help="images per step")
+    compare.add_argument(
+        "--max-images",
+        type=int,
+        default=None,
+        help="train on at most this many images, a stratified subset (default: all)",
+    )
+    compare.add_argument("--seed", type=int, default=0, help="seeds the split, the heads and the shuffling")
+    compare.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     compare.add_argument("--out", type=Path, default=None, help="default: runs/compare, runs/compare2, ...")
     compare.set_defaults(run=_compare)
 

@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ._checkpoint_file import atomic_write
-from ._cli_common import UsageError, add_arch, check_positive, make_trainer, open_checkpoint
+from ._cli_common import UsageError, add_arch, check_positive, free_file, make_trainer, open_checkpoint
 from ._heads import output_count
 from ._images import to_rgb
 from ._progress import task_bar
@@ -36,7 +36,12 @@ def add_parser(commands: Any) -> None:
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
     add_arch(predict)
     predict.add_argument("--top-k", type=int, default=1, help="also write the k most probable classes")
-    predict.add_argument("--csv", type=Path, default=Path("predictions.csv"), help="the CSV to write")
+    predict.add_argument(
+        "--csv",
+        type=Path,
+        default=None,
+        help="the CSV to write (default: predictions.csv, or predictions2.csv, ...)",
+    )
     predict.add_argument("--tta", action="store_true", help="average each image with its mirror image")
     predict.add_argument(
         "--kaggle-submission",
@@ -44,8 +49,8 @@ def add_parser(commands: Any) -> None:
         metavar="FILE",
         help="also write Kaggle's id,label for one test folder",
     )
-    predict.add_argument("--batch-size", type=int, default=32)
-    predict.add_argument("--device", default="auto")
+    predict.add_argument("--batch-size", type=int, default=32, help="images per step")
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     predict.set_defaults(run=_predict)
 
 
@@ -82,6 +87,8 @@ def _predict(args: argparse.Namespace) -> int:
     if args.kaggle_submission is not None and not (len(args.paths) == 1 and Path(args.paths[0]).is_dir()):
         raise UsageError("--kaggle-submission needs PATH to be one folder: Kaggle's test1/")
     files = collect_images(args.paths)
+    # Named, the file is replaced (atomically); by default a new one is found, as train's run folders are.
+    args.csv = args.csv if args.csv is not None else free_file(Path("predictions.csv"))
     _check_outputs(args, files)
     model, class_names, transform = open_checkpoint(args.checkpoint, args.arch)
     names = class_names or [str(i) for i in range(_outputs(model))]

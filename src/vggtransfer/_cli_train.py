@@ -70,7 +70,7 @@ def add_parser(commands: Any) -> None:
     train.add_argument(
         "--test", type=Path, metavar="DIR", help="labelled test images, evaluated once at the end"
     )
-    add_arch(train)
+    add_arch(train, default="vgg16_bn")
     train.add_argument(
         "--weights", default=None, help="DEFAULT (pretrained, the default), none, or a .pth file"
     )
@@ -79,7 +79,7 @@ def add_parser(commands: Any) -> None:
     train.add_argument(
         "--lr", type=float, default=1e-3, help="the head's learning rate (fine-tuning: a tenth)"
     )
-    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--batch-size", type=int, default=32, help="images per step")
     train.add_argument(
         "--image-size", type=int, default=None, help="crop size, 32 to 4096 (default: the weights', 224)"
     )
@@ -95,8 +95,13 @@ def add_parser(commands: Any) -> None:
     )
     train.add_argument("--tensorboard", action="store_true", help="also log every epoch for TensorBoard")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    train.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto: bf16 on GPUs that have it",
+    )
+    train.add_argument("--seed", type=int, default=0, help="seeds the split, the heads and the shuffling")
     train.add_argument("--out", type=Path, default=None, help="default: runs/train, runs/train2, ...")
     train.set_defaults(run=_train)
 
@@ -109,6 +114,7 @@ def _train(args: argparse.Namespace) -> int:
         test = read_labelled(args.test, "--test") if args.test is not None else None
     if test is not None and test.classes != data.classes:
         raise UsageError(f"--test has the classes {test.classes} but DATA has {data.classes}")
+    _say_scan(args.data, data)
     with _phase(timings, "build"):
         model = _model(spec, weights, len(data.classes), args.seed)
         transform = _transform(model, args.image_size)
@@ -164,7 +170,7 @@ def _check(args: argparse.Namespace) -> tuple[ArchSpec, Weights, Path]:
             "(examples/dogs_vs_cats.py runs unchanged there, see docs/scaling.md)"
         )
     pyplot("vggtransfer train")  # the run folder's plots need matplotlib: say so now, not after training
-    spec = arch_of(args.arch or "vgg16_bn")
+    spec = arch_of(args.arch)
     assert spec is not None
     if spec.kind == "factory" and args.weights is not None:
         raise UsageError(
@@ -328,3 +334,17 @@ def _model_summary(trainer: Trainer) -> str:
         )
         text += f" The training loss was weighted per class ({weights})."
     return text
+
+
+#: How many of the files left out ``train`` names before it points to report.md for the rest.
+SHOWN_BAD_FILES = 10
+
+
+def _say_scan(folder: Path, data: Any) -> None:
+    """What the scan found: the images per class, and the files left out (all of them are in report.md)."""
+    counts = ", ".join(f"{name} {data.targets.count(i)}" for i, name in enumerate(data.classes))
+    print(f"DATA {folder}: {len(data)} images ({counts}); {len(data.bad_files)} files left out")
+    for bad in data.bad_files[:SHOWN_BAD_FILES]:
+        print(f"  left out {bad.path}: {bad.reason}")
+    if len(data.bad_files) > SHOWN_BAD_FILES:
+        print(f"  ... and {len(data.bad_files) - SHOWN_BAD_FILES} more, listed in report.md")

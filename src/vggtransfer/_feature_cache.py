@@ -507,7 +507,7 @@ class FeatureCache:
             stored = FeatureSet(gather_rows(stored.features, total), gather_rows(stored.targets, total))
         progress.message(
             f"feature caching: {len(stored)} samples of {what} through the frozen backbone once "
-            f"({time.perf_counter() - started:.1f}s); training the head on them"
+            f"({time.perf_counter() - started:.1f}s); the head {'trains' if what == 'fit(train)' else 'runs'} on them"
         )
         return stored
 

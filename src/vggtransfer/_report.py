@@ -251,7 +251,7 @@ def markdown(
         out.write(f"Image scan: {len(scan.good)} good images, {len(scan.bad)} bad files (left out).\n\n")
         if scan.bad:
             out.write(_table(["bad file", "reason"], [[f"`{b.path}`", b.reason] for b in scan.bad]) + "\n\n")
-    out.write("### Class balance\n\n")
+    out.write("### Class balance of the evaluated samples\n\n")
     share = [f"{100 * s / max(m['count'], 1):.1f}%" for s in supports]
     out.write(_table(["class", "samples", "share"], list(zip(names, supports, share, strict=True))) + "\n\n")
     warning = balance_warning(names, supports)
