@@ -317,3 +317,28 @@ def test_predict_without_csv_never_replaces_an_earlier_predictions_file(
     explicit = ["predict", str(checkpoint), str(images / "cats"), "--csv", "predictions.csv"]
     assert _run(explicit, capsys)[0] == 0  # named: replaced, as documented
     assert len((tmp_path / "predictions.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_kaggle_submission_refuses_two_files_of_one_id_and_fails_when_ids_are_missing(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    test1 = tmp_path / "test1"
+    photos.kaggle_test(test1 / "a", [photos.CAT])
+    photos.kaggle_test(test1 / "b", [photos.DOG])
+    argv = ["predict", str(checkpoint), str(test1), "--csv", str(tmp_path / "p.csv")]
+    status, _, err = _run([*argv, "--kaggle-submission", str(tmp_path / "s.csv")], capsys)
+    assert (status, err) == (
+        2,
+        f"vggtransfer predict: error: --kaggle-submission: {str(test1 / 'a' / '1.jpg')!r} and "
+        f"{str(test1 / 'b' / '1.jpg')!r} have the same id '1'; expected Kaggle's test1/ folder, one file per id\n",
+    )
+    assert not (tmp_path / "s.csv").exists()
+    photos.kaggle_test(tmp_path / "t", [photos.CAT, photos.DOG])
+    (tmp_path / "t" / "3.jpg").write_bytes(b"\xff\xd8 not really")
+    argv = ["predict", str(checkpoint), str(tmp_path / "t"), "--csv", str(tmp_path / "p.csv")]
+    status, _, err = _run([*argv, "--kaggle-submission", str(tmp_path / "s.csv")], capsys)
+    assert status == 1 and err == (
+        "vggtransfer predict: failed: the submission lacks the 1 ids of the files skipped above; Kaggle will "
+        "refuse it\n"
+    )
+    assert len((tmp_path / "s.csv").read_text().splitlines()) == 1 + 2

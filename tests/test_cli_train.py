@@ -368,6 +368,7 @@ def test_factory_errors_say_what_is_wrong_and_write_nothing(
 def folders(tmp_path: Path) -> Path:
     photos.class_folders(tmp_path / "pets", {"cats": 4, "dogs": 4})
     photos.class_folders(tmp_path / "birds", {"crows": 2, "owls": 2})
+    photos.class_folders(tmp_path / "lonely", {"cats": 3})
     photos.kaggle_test(tmp_path / "test1", [photos.CAT, photos.DOG])
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("mine")
@@ -435,13 +436,42 @@ def folders(tmp_path: Path) -> Path:
             ["{t}/pets", "--arch", "resnet18", "--weights", "none", "--device", "gpu"],
             "expected --device to be",
         ),
+        # Pretrained weights (the default) and the download refused: these must fail before it.
+        (["{t}/pets", "--device", "cuda:7"], "--device 'cuda:7' was requested but"),
+        (["{t}/pets", "--precision", "fp16"], "--precision 'fp16' needs a GPU; on the CPU use 'bf16'"),
+        (
+            ["{t}/lonely"],
+            "DATA '{t}/lonely' has 1 class (cats); expected 2 or more class folders (or Kaggle's "
+            "cat.N.jpg / dog.N.jpg names)",
+        ),
+        (
+            ["{t}/pets", "--class-weights", "1,2,3"],
+            "expected one --class-weights value per class of DATA (cats, dogs) but got 3: 1,2,3",
+        ),
+        (
+            ["{t}/pets", "--val", "{t}/pets"],
+            "--val '{t}/pets' shares images with DATA '{t}/pets'; expected a separate folder (or leave "
+            "--val out and let --val-split hold some of DATA out)",
+        ),
+        (
+            ["{t}/pets", "--test", "{t}/pets/cats"],
+            "--test '{t}/pets/cats' shares images with DATA '{t}/pets'; expected a separate folder",
+        ),
+        (
+            ["{t}/pets", "--val", "{t}/birds", "--val-split", "0.3"],
+            "argument --val-split: not allowed with argument --val",
+        ),
     ],
 )
 def test_train_usage_errors_exit_2_before_anything_is_written(
     options: list[str], message: str, folders: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
+    def no_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("downloaded weights before refusing what was typed")
+
     monkeypatch.chdir(folders)
+    monkeypatch.setattr(torch.hub, "urlopen", no_download)
     status, _, err = _run(["train", *(o.format(t=folders) for o in options)], capsys)
     assert status == 2
     assert err.startswith("vggtransfer train: error: " + message.format(t=folders)), err
@@ -463,7 +493,12 @@ def test_train_usage_errors_exit_2_before_anything_is_written(
         ),
         (
             ["evaluate", "{best}", "{t}/pets", "--report", "{t}/file.pt"],
-            "vggtransfer evaluate: error: --report '{t}/file.pt' is a file; expected a folder for the report",
+            "vggtransfer evaluate: error: --report '{t}/file.pt' exists and is not an empty folder; a run never overwrites another",
+        ),
+        (
+            ["evaluate", "{best}", "{t}/pets", "--report", "{t}/full"],
+            "vggtransfer evaluate: error: --report '{t}/full' exists and is not an empty folder; a run never "
+            "overwrites another",
         ),
         (
             ["evaluate", "{t}/file.pt", "{t}/pets"],
@@ -566,8 +601,10 @@ def test_class_weights_weight_the_loss_and_the_report_says_so(
     assert "The training loss was weighted per class (cats 0.611, dogs 2.75)." in report
     assert any(Path("run/tensorboard").glob("events.out.tfevents.*"))
     status, _, err = _run([*argv, "--class-weights", "1,2,3", "--out", "other"], capsys)
-    assert status == 2 and err.startswith(
-        "vggtransfer train: error: got 3 --class-weights [1.0, 2.0, 3.0] but the model has 2 classes"
+    assert (status, err) == (
+        2,
+        "vggtransfer train: error: expected one --class-weights value per class of DATA (cats, dogs) but "
+        "got 3: 1,2,3\n",
     )
     status, _, err = _run([*argv, "--class-weights", "1,x", "--out", "other"], capsys)
     assert (status, err) == (

@@ -11,8 +11,9 @@ from ._cli_common import (
     DATA_HELP,
     UsageError,
     add_arch,
-    check_outside,
+    check_out,
     check_positive,
+    check_runtime,
     describe_model,
     make_trainer,
     open_checkpoint,
@@ -50,10 +51,9 @@ def add_parsers(commands: Any) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     check_positive(args.batch_size, "--batch-size")
-    if args.report is not None and args.report.exists() and not args.report.is_dir():
-        raise UsageError(f"--report {str(args.report)!r} is a file; expected a folder for the report")
-    if args.report is not None:
-        check_outside(args.report, "--report", {"DATA": args.data})
+    if args.report is not None:  # a report never replaces another (such as a training run's)
+        check_out(args.report, {"DATA": args.data}, "--report")
+    check_runtime(args.device, "auto")
     model, names, transform = open_checkpoint(args.checkpoint, args.arch)
     data = read_labelled(args.data, "DATA", transform)
     if names is not None and data.classes != names:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +19,7 @@ from ._arch_spec import ArchSpec, load_for_arch, parse_arch
 from ._checkpoint import LoadedModel
 from ._checkpoint_file import CheckpointError
 from ._models import WeightsNotAvailableError
+from ._runtime import resolve_device, resolve_precision
 from ._spec import build_spec
 from ._trainer import Trainer
 from .data import DogsVsCats
@@ -31,9 +34,11 @@ __all__ = [
     "check_out",
     "check_outside",
     "check_positive",
+    "check_runtime",
     "claim_run_folder",
     "describe_model",
     "free_file",
+    "in_option_words",
     "make_trainer",
     "open_checkpoint",
     "read_labelled",
@@ -104,13 +109,13 @@ def free_file(path: Path) -> Path:
     return candidate
 
 
-def check_out(out: Path, inputs: dict[str, Path | None]) -> None:
-    """``--out`` is new or an empty folder, and outside every input folder (the data stays untouched)."""
+def check_out(out: Path, inputs: dict[str, Path | None], option: str = "--out") -> None:
+    """``out`` is new or an empty folder, and outside every input folder (the data stays untouched)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(
-            f"--out {str(out)!r} exists and is not an empty folder; a run never overwrites another"
+            f"{option} {str(out)!r} exists and is not an empty folder; a run never overwrites another"
         )
-    check_outside(out, "--out", inputs)
+    check_outside(out, option, inputs)
 
 
 def check_outside(out: Path, option: str, inputs: dict[str, Path | None]) -> None:
@@ -204,14 +209,32 @@ def make_trainer(model: Any, **options: Any) -> Trainer:
     try:
         return Trainer(model, **options)
     except (ValueError, TypeError) as error:
-        message = (
-            str(error)
-            .removeprefix("Trainer: ")
-            .replace("class_weights='balanced'", "--class-weights balanced")
-        )
-        for name in ("device", "precision", "class_weights", "cache_views", "lr"):
-            message = message.replace(name, "--" + name.replace("_", "-"), 1) if name in message else message
-        raise UsageError(message) from None
+        raise UsageError(in_option_words(str(error))) from None
+
+
+#: The Trainer's argument names that the command spells as options.
+_OPTIONS = ("device", "precision", "class_weights", "cache_views", "lr")
+
+
+def in_option_words(message: str) -> str:
+    """A library message about ``device='x'`` or ``class_weights`` as the command's ``--device x``."""
+    message = re.sub(r"^(Trainer|fit|vggtransfer \w+): ", "", message)
+    message = message.replace("class_weights='balanced'", "--class-weights balanced")
+    for name in _OPTIONS:
+        option = "--" + name.replace("_", "-")
+        message = re.sub(rf"\b{name}=", option + " ", message)
+        message = re.sub(rf"(?<![-\w.]){name}\b", option, message)  # not torch.device
+    return message
+
+
+def check_runtime(device: str, precision: str) -> None:
+    """``--device`` exists here and ``--precision`` runs on it: said before anything is built or read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the Trainer says its warnings when it is built
+            resolve_precision(precision, resolve_device(device, "Trainer"))
+    except ValueError as error:
+        raise UsageError(in_option_words(str(error))) from None
 
 
 def describe_model(model: Any) -> str:

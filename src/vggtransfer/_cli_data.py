@@ -57,8 +57,11 @@ def add_parsers(commands: Any) -> None:
 
 def add_validation(parser: argparse.ArgumentParser) -> None:
     """``--val DIR`` or ``--val-split F``."""
-    parser.add_argument("--val", type=Path, default=None, help="validation folder (default: a split of DATA)")
-    parser.add_argument("--val-split", type=float, default=0.2, help="share of DATA for validation")
+    either = parser.add_mutually_exclusive_group()
+    either.add_argument("--val", type=Path, default=None, help="validation folder (default: a split of DATA)")
+    either.add_argument(
+        "--val-split", type=float, default=None, help="share of DATA for validation (default: 0.2)"
+    )
 
 
 def _scan(args: argparse.Namespace) -> int:
@@ -72,10 +75,25 @@ def _scan(args: argparse.Namespace) -> int:
 
 
 def check_validation(args: argparse.Namespace) -> None:
-    """``--val`` is a folder, ``--val-split`` a share strictly between 0 and 1."""
+    """``--val`` (and ``--test``) a folder apart from DATA, ``--val-split`` a share strictly between 0 and 1."""
     check_folder(args.val, "--val")
+    args.val_split = 0.2 if args.val_split is None else args.val_split
     if not 0 < args.val_split < 1:
         raise UsageError(f"expected --val-split to be between 0 and 1 but got {args.val_split}")
+    for option in ("--val", "--test"):
+        folder = getattr(args, option[2:], None)
+        if folder is not None and args.data is not None and _overlap(folder, args.data):
+            raise UsageError(
+                f"{option} {str(folder)!r} shares images with DATA {str(args.data)!r}; expected a separate "
+                f"folder (or leave {option} out"
+                + (" and let --val-split hold some of DATA out)" if option == "--val" else ")")
+            )
+
+
+def _overlap(one: Path, other: Path) -> bool:
+    """Whether one folder is the other or lies inside it: then some images would be in both."""
+    a, b = one.resolve(), other.resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import argparse
 import csv
 import glob
 import io
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,20 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ._checkpoint_file import atomic_write
-from ._cli_common import UsageError, add_arch, check_positive, free_file, make_trainer, open_checkpoint
+from ._cli_common import (
+    UsageError,
+    add_arch,
+    check_positive,
+    check_runtime,
+    free_file,
+    make_trainer,
+    open_checkpoint,
+)
 from ._heads import output_count
 from ._images import to_rgb
 from ._progress import task_bar
 from ._sources import default_workers
-from ._submission import submission_csv
+from ._submission import positive_column, submission_csv
 from ._transforms import ImageTransform
 
 __all__ = ["IMAGE_SUFFIXES", "add_parser", "collect_images"]
@@ -86,6 +95,7 @@ def _predict(args: argparse.Namespace) -> int:
     check_positive(args.batch_size, "--batch-size")
     if args.kaggle_submission is not None and not (len(args.paths) == 1 and Path(args.paths[0]).is_dir()):
         raise UsageError("--kaggle-submission needs PATH to be one folder: Kaggle's test1/")
+    check_runtime(args.device, "auto")
     files = collect_images(args.paths)
     # Named, the file is replaced (atomically); by default a new one is found, as train's run folders are.
     args.csv = args.csv if args.csv is not None else free_file(Path("predictions.csv"))
@@ -96,6 +106,8 @@ def _predict(args: argparse.Namespace) -> int:
         raise UsageError(f"expected --top-k to be at most the {len(names)} classes but got {args.top_k}")
     trainer = make_trainer(model, device=args.device, class_names=names, transform=transform, progress=False)
     dog = _dog_class(names) if args.kaggle_submission is not None else None
+    if dog is not None:
+        _check_kaggle_ids(files)
     rows, skipped = _rows(trainer, _Readable(files, transform), args)
     for path, reason in skipped:
         print(_shown(f"skipped {path}: {reason}"))
@@ -113,6 +125,13 @@ def _predict(args: argparse.Namespace) -> int:
             submission_csv([(Path(path).stem, dict(ranked)[dog]) for path, ranked in rows]),
         )
         print(f"wrote the Kaggle submission {args.kaggle_submission} ({len(rows)} rows, label = P({dog}))")
+        if skipped:  # Kaggle refuses a submission with ids missing: say so, and fail
+            print(
+                f"vggtransfer predict: failed: the submission lacks the {len(skipped)} ids of the files "
+                f"skipped above; Kaggle will refuse it",
+                file=sys.stderr,
+            )
+            return 1
     return 0
 
 
@@ -150,11 +169,25 @@ def _shown(text: str) -> str:
 
 
 def _dog_class(names: list[str]) -> str:
-    """The class whose probability Kaggle's Dogs vs Cats wants, as write_kaggle_submission finds it."""
-    dog = next((name for name in names if name.lower() in ("dog", "dogs")), None)
-    if dog is None:
-        raise UsageError(f"--kaggle-submission needs a class named dog, but the classes are {names}")
-    return dog
+    """The class whose probability Kaggle's Dogs vs Cats wants, by write_kaggle_submission's rule."""
+    try:
+        return names[positive_column(names, "dog")]
+    except ValueError as error:
+        raise UsageError(
+            f"--kaggle-submission {str(error).removeprefix('write_kaggle_submission: ').split('; pass')[0]}"
+        ) from None
+
+
+def _check_kaggle_ids(files: list[Path]) -> None:
+    """One file per id, as in Kaggle's test1/ (1.jpg, 2.jpg, ...): else two rows would share an id."""
+    seen: dict[str, Path] = {}
+    for path in files:
+        if path.stem in seen:
+            raise UsageError(
+                f"--kaggle-submission: {str(seen[path.stem])!r} and {str(path)!r} have the same id "
+                f"{path.stem!r}; expected Kaggle's test1/ folder, one file per id"
+            )
+        seen[path.stem] = path
 
 
 class _Readable(Dataset[tuple[torch.Tensor, str]]):

@@ -32,6 +32,7 @@ from ._cli_common import (
     check_folder,
     check_out,
     check_positive,
+    check_runtime,
     claim_run_folder,
     describe_model,
     make_trainer,
@@ -114,6 +115,7 @@ def _train(args: argparse.Namespace) -> int:
         test = read_labelled(args.test, "--test") if args.test is not None else None
     if test is not None and test.classes != data.classes:
         raise UsageError(f"--test has the classes {test.classes} but DATA has {data.classes}")
+    _check_classes(args, data.classes)
     _say_scan(args.data, data)
     with _phase(timings, "build"):
         model = _model(spec, weights, len(data.classes), args.seed)
@@ -181,6 +183,7 @@ def _check(args: argparse.Namespace) -> tuple[ArchSpec, Weights, Path]:
     out = args.out if args.out is not None else run_folder(Path("runs") / "train")
     check_out(out, {"DATA": args.data, "--val": args.val, "--test": args.test})
     _class_weights(args.class_weights)
+    check_runtime(args.device, args.precision)
     _loggers(out, args.tensorboard)  # a missing tensorboard extra is said now, not after the scan
     return spec, weights, out
 
@@ -200,6 +203,21 @@ def _make_trainer(
         for folder in made:
             folder.rmdir()  # still empty: made a moment ago
         raise
+
+
+def _check_classes(args: argparse.Namespace, classes: list[str]) -> None:
+    """What needs the class count: checked after the scan, before a backbone is built or downloaded."""
+    if len(classes) < 2:
+        raise UsageError(
+            f"DATA {str(args.data)!r} has {len(classes)} class ({', '.join(classes)}); expected 2 or more "
+            f"class folders (or Kaggle's cat.N.jpg / dog.N.jpg names)"
+        )
+    weights = _class_weights(args.class_weights)
+    if isinstance(weights, list) and len(weights) != len(classes):
+        raise UsageError(
+            f"expected one --class-weights value per class of DATA ({', '.join(classes)}) but got "
+            f"{len(weights)}: {args.class_weights}"
+        )
 
 
 def _class_weights(text: str | None) -> str | list[float] | None:

@@ -15,7 +15,7 @@ from .data import BadFile, DogsVsCats
 if TYPE_CHECKING:
     from ._trainer import Trainer
 
-__all__ = ["Submission", "submission_csv", "write_kaggle_submission"]
+__all__ = ["Submission", "positive_column", "submission_csv", "write_kaggle_submission"]
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,12 @@ class Submission:
     skipped: list[BadFile]
 
 
-def _positive_column(class_names: list[str] | None, positive: str) -> int:
-    """The output whose probability Kaggle wants: the class named ``positive`` (or its plural)."""
+def positive_column(class_names: list[str] | None, positive: str) -> int:
+    """The output whose probability Kaggle wants: the one class named ``positive`` (or its plural).
+
+    Raises:
+        ValueError: no class names, or not exactly one class of that name.
+    """
     if not class_names:
         raise ValueError(
             "write_kaggle_submission: the Trainer has no class names, so the dog class cannot be found; "
@@ -119,7 +123,7 @@ def write_kaggle_submission(
             f"write_kaggle_submission: expected positive_class to be a class name such as 'dog' but got "
             f"{positive_class!r}"
         )
-    column = _positive_column(trainer.class_names, positive_class)
+    column = positive_column(trainer.class_names, positive_class)
     target = Path(path)
     if not target.parent.is_dir():
         raise FileNotFoundError(
