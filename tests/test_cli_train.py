@@ -703,3 +703,22 @@ def test_default_weights_come_from_torchvisions_cache_and_offline_says_what_to_p
         best = torch.load(folders / out / "best.pt", weights_only=True)
         assert best["build"]["weights"] == recorded
         assert torch.equal(best["model"]["conv1.weight"], pretrained["conv1.weight"])  # frozen: as loaded
+
+
+def test_library_warnings_are_one_line_in_option_words_and_help_returns_0(
+    factory_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import vggtransfer._runtime as runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)  # as on this 2-core AVX2 machine
+    status, _, err = _run(
+        ["train", "pets", "--arch", "my_models:tiny", *TRAIN_TINY, "--precision", "bf16"], capsys
+    )
+    assert status == 0
+    assert err.splitlines()[0].startswith(
+        "vggtransfer train: warning: --precision 'bf16' on a CPU without native bf16 arithmetic"
+    )
+    assert "UserWarning" not in err and "HINT: use --precision 'fp32'" in err
+    assert main(["train", "--help"]) == 0 and "(default: vgg16_bn)" in " ".join(
+        capsys.readouterr().out.split()
+    )

@@ -12,10 +12,12 @@ output is.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ._cli_checkpoint import add_parsers as add_checkpoint_commands
-from ._cli_common import Parser, UsageError
+from ._cli_common import Parser, UsageError, in_option_words
 from ._cli_data import add_parsers as add_data_commands
 from ._cli_predict import add_parser as add_predict
 from ._cli_train import add_parser as add_train
@@ -49,12 +51,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Errors name the subcommand, also those argparse finds before it knows which one it is.
     where = f"vggtransfer {argv[0]}" if argv and argv[0] in COMMANDS else "vggtransfer"
     try:
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
-            return 2
-        args.argv = argv[1:]  # what was typed after the subcommand: the reports' reproducing command
-        return int(args.run(args))
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line(where)
+            args = parser.parse_args(argv)
+            if args.command is None:
+                parser.print_help()
+                return 2
+            args.argv = argv[1:]  # what was typed after the subcommand: the reports' reproducing command
+            return int(args.run(args))
+    except SystemExit as done:  # --help
+        return done.code if isinstance(done.code, int) else 0
     except UsageError as error:
         print(f"{where}: error: {error}", file=sys.stderr)
         return 2
@@ -64,3 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # a failure while working: one line, no traceback
         print(f"{where}: failed: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
+
+
+def _one_line(where: str) -> Callable[..., None]:
+    """The library's warnings as the command's own lines, without Python's file and source line."""
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        print(f"{where}: warning: {in_option_words(str(message))}", file=sys.stderr)
+
+    return show

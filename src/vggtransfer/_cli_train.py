@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import time
@@ -43,6 +44,7 @@ from ._cli_common import (
 from ._cli_data import add_validation, check_validation, read_train_and_val, with_transforms
 from ._freeze import freeze_features
 from ._heads import replace_classifier
+from ._labels import dataset_labels
 from ._loggers import CSVLogger, TensorBoardLogger
 from ._models import Weights, WeightsNotAvailableError
 from ._plotting import pyplot
@@ -131,6 +133,10 @@ def _train(args: argparse.Namespace) -> int:
     _fit(trainer, train_set, val_set, args, out, timings)
     best = _best_epoch(trainer)
     load_model(out / "best.pt", model=trainer.network, device=trainer.device)  # analyse the best epoch
+    tested: dict[str, Any] = {}
+    if test is not None:  # before the report, whose timings then include it
+        with _phase(timings, "test"):
+            tested["test"] = trainer.evaluate(test.with_transform(transform), batch_size=args.batch_size)
     with _phase(timings, "report"):
         evaluation = write_report(
             trainer, val_set, out, batch_size=args.batch_size, num_workers=None, scan=scan_of(data),
@@ -138,10 +144,7 @@ def _train(args: argparse.Namespace) -> int:
             summary=_data_summary(args, train_set, val_set, test, data.classes),
         )  # fmt: skip
         trainer.history.plot(out / "curves.png")
-    results: dict[str, Any] = {"val": evaluation.metrics}
-    if test is not None:
-        with _phase(timings, "test"):
-            results["test"] = trainer.evaluate(test.with_transform(transform), batch_size=args.batch_size)
+    results: dict[str, Any] = {"val": evaluation.metrics, **tested}
     _write_metrics(out, trainer, spec, best, results, timings, command, data)
     _say_where(out, best, results, args.tensorboard)
     return 0
@@ -287,8 +290,9 @@ def _fit(
 
 
 def _best_epoch(trainer: Trainer) -> dict[str, float]:
-    """The epoch best.pt holds: the lowest validation loss, the first of equals."""
-    return min(trainer.history, key=lambda record: record["val_loss"])
+    """The epoch best.pt holds: the lowest finite validation loss, the first of equals (as ``fit`` keeps it)."""
+    finite = [record for record in trainer.history if math.isfinite(record["val_loss"])]
+    return min(finite or list(trainer.history), key=lambda record: record["val_loss"])
 
 
 def _write_metrics(
@@ -329,7 +333,7 @@ def _say_where(out: Path, best: dict[str, float], results: dict[str, Any], tenso
 
 def _data_summary(args: argparse.Namespace, train: Any, val: Any, test: Any, names: list[str]) -> str:
     """report.md's opening of the data section: what trained and validated the model, and its balance."""
-    labels = train.targets if hasattr(train, "targets") else [train.dataset.targets[i] for i in train.indices]
+    labels = dataset_labels(train, "vggtransfer train")  # recorded labels: no image is read
     counts = [labels.count(index) for index in range(len(names))]
     per_class = ", ".join(f"{name} {count}" for name, count in zip(names, counts, strict=True))
     where = (

@@ -65,7 +65,9 @@ def plot_errors(evaluation: Evaluation, f: IO[bytes], top: int) -> None:
         return
     columns = min(4, len(errors))
     rows = math.ceil(len(errors) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.5 * rows + 0.5), squeeze=False)
+    # At least two columns wide, so that the two-line title fits above one or a few errors.
+    width = max(3.2 * columns, 6.4)
+    figure, axes = plt.subplots(rows, columns, figsize=(width, 3.5 * rows + 0.8), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, sample in zip(axes.flat, errors, strict=False):
@@ -74,7 +76,8 @@ def plot_errors(evaluation: Evaluation, f: IO[bytes], top: int) -> None:
             f"{names[sample.true]} / {names[sample.predicted]} / {sample.probability:.2f}", fontsize=10
         )
     figure.suptitle(
-        f"Worst {len(errors)} of {len(evaluation.errors)} errors by loss: true / predicted / probability"
+        f"Worst {len(errors)} of {len(evaluation.errors)} errors by loss\n"
+        f"true / predicted / probability of the prediction"
     )
     figure.tight_layout()
     figure.savefig(f, format="png", dpi=100)
