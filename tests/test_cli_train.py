@@ -239,7 +239,6 @@ def test_evaluate_prints_the_metrics_train_reported_and_writes_a_report(
 def factory_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A working folder holding pets/ and my_models.py (which leaves imported.marker when imported)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "my_models.py").write_text(FACTORIES)
     photos.class_folders(tmp_path / "pets", {"cats": 5, "dogs": 5})
     yield tmp_path
@@ -722,3 +721,24 @@ def test_library_warnings_are_one_line_in_option_words_and_help_returns_0(
     assert main(["train", "--help"]) == 0 and "(default: vgg16_bn)" in " ".join(
         capsys.readouterr().out.split()
     )
+
+
+def test_a_factory_leaves_sys_path_and_other_modules_as_they_were(
+    factory_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    import sys
+
+    before = list(sys.path)
+    assert _run(["train", "pets", "--arch", "my_models:tiny", *TRAIN_TINY], capsys)[0] == 0
+    assert sys.path == before and os.getcwd() not in sys.path  # a local onnx.py cannot shadow onnx later
+    (factory_folder / "json.py").write_text("def build():\n    raise SystemExit('never run')\n")
+    status, _, err = _run(["train", "pets", "--arch", "json.py:build", *TRAIN_TINY], capsys)
+    assert (status, err) == (
+        2,
+        "vggtransfer train: error: --arch 'json.py:build': a module named 'json' is already imported, so "
+        "the file cannot be imported under that name; rename 'json.py'\n",
+    )
+    import json
+
+    assert sys.modules["json"] is json and hasattr(json, "dumps")

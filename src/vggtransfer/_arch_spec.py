@@ -13,7 +13,8 @@ import importlib.util
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -65,7 +66,8 @@ class ArchSpec:
         """
         if self.kind != "factory":
             return create_model(self.text, weights=weights)
-        made = _call(_import_factory(self.text), self.text)
+        with _working_folder_importable():
+            made = _call(_import_factory(self.text), self.text)
         record(made, **{FACTORY_KEY: self.text})
         return made
 
@@ -183,15 +185,21 @@ def _import(module_name: str, text: str) -> ModuleType:
         file = Path(module_name)
         if not file.is_file():
             raise ValueError(f"--arch {text!r}: there is no file {module_name!r}")
+        if file.stem in sys.modules:  # registering the file under its name would replace that module
+            raise ValueError(
+                f"--arch {text!r}: a module named {file.stem!r} is already imported, so the file cannot be "
+                f"imported under that name; rename {module_name!r}"
+            )
         spec = importlib.util.spec_from_file_location(file.stem, file)
         assert spec is not None and spec.loader is not None  # a .py file always has a source loader
         module = importlib.util.module_from_spec(spec)
         sys.modules[file.stem] = module  # so that the factory's classes pickle and import as usual
-        _run_user_code(lambda: spec.loader.exec_module(module), f"importing {module_name!r}", text)  # type: ignore[union-attr]
+        try:
+            _run_user_code(lambda: spec.loader.exec_module(module), f"importing {module_name!r}", text)  # type: ignore[union-attr]
+        except BaseException:
+            del sys.modules[file.stem]  # a module that failed to import is not left behind
+            raise
         return module
-    # A console script does not look in the working folder; `--arch my_models:build` should.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
     if importlib.util.find_spec(module_name.split(".")[0]) is None:
         raise ValueError(
             f"--arch {text!r}: no module named {module_name.split('.')[0]!r} here or in the working "
@@ -199,6 +207,23 @@ def _import(module_name: str, text: str) -> ModuleType:
             f"{text.rpartition(':')[2]}"
         )
     return _run_user_code(lambda: importlib.import_module(module_name), f"importing {module_name!r}", text)  # type: ignore[no-any-return]
+
+
+@contextmanager
+def _working_folder_importable() -> Iterator[None]:
+    """The working folder on ``sys.path`` while a factory is imported and called, then as it was.
+
+    A console script does not look in the working folder, and ``--arch my_models:build`` should;
+    left there, a local ``onnx.py`` or ``tqdm.py`` would later shadow the real package.
+    """
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        yield
+    finally:
+        if added and os.getcwd() in sys.path:
+            sys.path.remove(os.getcwd())
 
 
 def _call(factory: Callable[[], Any], text: str) -> nn.Module:

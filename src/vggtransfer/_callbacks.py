@@ -15,7 +15,15 @@ from typing import Protocol
 
 from ._history import History
 
-__all__ = ["HOOKS", "Callback", "Callbacks", "check_callbacks"]
+__all__ = [
+    "HOOKS",
+    "AnyCallback",
+    "Callback",
+    "Callbacks",
+    "EpochEndCallback",
+    "FitEndCallback",
+    "check_callbacks",
+]
 
 #: The methods a callback may define; each one needs at least one of them.
 HOOKS = ("on_epoch_end", "on_fit_end")
@@ -49,6 +57,22 @@ class Callback(Protocol):
 
     def on_fit_end(self, history: History) -> None:
         """Called when ``fit`` returns normally, with the History of all epochs so far."""
+
+
+class EpochEndCallback(Protocol):
+    """A callback with ``on_epoch_end`` alone (for type checkers: :class:`Callback` has both)."""
+
+    def on_epoch_end(self, record: dict[str, float]) -> None: ...
+
+
+class FitEndCallback(Protocol):
+    """A callback with ``on_fit_end`` alone (for type checkers: :class:`Callback` has both)."""
+
+    def on_fit_end(self, history: History) -> None: ...
+
+
+#: What ``Trainer(callbacks=[...])`` takes: any object with either method, or both.
+AnyCallback = Callback | EpochEndCallback | FitEndCallback
 
 
 def _defines(item: object, hook: str) -> bool:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ._arguments import check_cache_dir, check_epochs, check_trainer_inputs
-from ._callbacks import Callback, Callbacks
+from ._callbacks import AnyCallback, Callbacks
 from ._checkpoint import EpochFiles, TrainingObjects, load_trainer, save_trainer
 from ._class_weights import ClassWeights, ClassWeightsSetting
 from ._early_stopping import BestTracker, EarlyStopping
@@ -129,7 +129,7 @@ class Trainer:
         compile_features: bool = False,
         compile_model: bool = False,
         class_weights: ClassWeightsSetting = None,
-        callbacks: Sequence[Callback] = (),
+        callbacks: Sequence[AnyCallback] = (),
     ) -> None:
         # Everything is checked before the model moves or the process joins a torchrun group.
         self.lr, self.seed, self.class_names, weights, hooks = check_trainer_inputs(
