@@ -115,6 +115,18 @@ def test_predict_with_tta_averages_each_image_with_its_mirror(
         ),
         (["scan", "{missing}"], "vggtransfer scan: error: DATA '{missing}' is not a folder"),
         (
+            ["scan", "{images}", "--workers", "0"],
+            "vggtransfer scan: error: expected --workers to be 1 or more but got 0",
+        ),
+        (
+            ["compare", "{images}", "--arch", "squeezenet1_1", "--weights", "none", "--epochs", "0"],
+            "vggtransfer compare: error: expected --epochs to be a positive int (1 or more) but got 0",
+        ),
+        (
+            ["compare", "{images}", "--arch", "resnet18", "resnet18"],
+            "vggtransfer compare: error: expected distinct --arch values but got resnet18 resnet18",
+        ),
+        (
             ["compare", "{images}", "--arch", "resnet18", "--weights", "none", "--out", "{images}/cmp"],
             "vggtransfer compare: error: --out '{images}/cmp' is inside DATA '{images}'; expected a folder "
             "outside the images, so that the files written never mix with them (e.g. runs/...)",

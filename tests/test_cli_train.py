@@ -258,6 +258,12 @@ def test_a_factory_model_trains_and_loads_only_when_named_again(
     assert "run folder runs/train:" in printed
     assert _run(["train", "pets", "--arch", "my_models:tiny", *TRAIN_TINY], capsys)[0] == 0
     assert (factory_folder / "runs" / "train2" / "best.pt").is_file()  # numbered: the first run is kept
+    status, _, err = _run(["train", "pets", "--arch", "my_models:tiny", "--weights", "none"], capsys)
+    assert (status, err) == (
+        2,
+        "vggtransfer train: error: --weights applies to torchvision and timm names; the factory "
+        "'my_models:tiny' loads its own weights\n",
+    )
     best = "runs/train/best.pt"
     status, _, err = _run(["predict", best, "pets", "--csv", "p.csv"], capsys)
     assert status == 2 and err == (
@@ -455,6 +461,10 @@ def folders(tmp_path: Path) -> Path:
         (
             ["{t}/pets", "--test", "{t}/pets/cats"],
             "--test '{t}/pets/cats' shares images with DATA '{t}/pets'; expected a separate folder",
+        ),
+        (
+            ["{t}/pets", "--test", "{t}/birds"],
+            "--test has the classes ['crows', 'owls'] but DATA has ['cats', 'dogs']",
         ),
         (
             ["{t}/pets", "--val", "{t}/birds", "--val-split", "0.3"],

@@ -216,11 +216,11 @@ def make_trainer(model: Any, **options: Any) -> Trainer:
 _OPTIONS = ("device", "precision", "class_weights", "cache_views", "lr")
 
 
-def in_option_words(message: str) -> str:
+def in_option_words(message: str, names: tuple[str, ...] = _OPTIONS) -> str:
     """A library message about ``device='x'`` or ``class_weights`` as the command's ``--device x``."""
-    message = re.sub(r"^(Trainer|fit|vggtransfer \w+): ", "", message)
+    message = re.sub(r"^(Trainer|fit|compare_backbones|vggtransfer \w+): ", "", message)
     message = message.replace("class_weights='balanced'", "--class-weights balanced")
-    for name in _OPTIONS:
+    for name in names:
         option = "--" + name.replace("_", "-")
         message = re.sub(rf"\b{name}=", option + " ", message)
         message = re.sub(rf"(?<![-\w.]){name}\b", option, message)  # not torch.device

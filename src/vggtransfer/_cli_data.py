@@ -17,6 +17,7 @@ from ._cli_common import (
     check_folder,
     check_out,
     claim_run_folder,
+    in_option_words,
     read_labelled,
     run_folder,
     usage_errors,
@@ -110,11 +111,13 @@ def _compare(args: argparse.Namespace) -> int:
     train, val = with_transforms(*read_train_and_val(args), None, None)
     pretrained = args.weights.lower() == "default"
     models = {spec.text: _builder(spec, None if pretrained else args.seed) for spec in specs if spec}
-    with usage_errors(ValueError, TypeError):  # an argument or the data: checked before any backbone
+    try:  # an argument or the data: checked before any backbone is built
         comparison = compare_backbones(
             train, val, models, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
             device=args.device, max_images=args.max_images,
         )  # fmt: skip
+    except (ValueError, TypeError) as error:
+        raise UsageError(in_option_words(str(error), _COMPARE_OPTIONS)) from None
     folder = comparison.save(claim_run_folder(out, base if args.out is None else None))
     print(comparison.to_markdown())
     print(
@@ -146,6 +149,10 @@ def with_transforms(
     if isinstance(val, Split):
         return val.subsets(data.with_transform(train_transform), data.with_transform(transform))
     return data.with_transform(train_transform), val.with_transform(transform)
+
+
+#: compare_backbones' arguments that the command spells as options.
+_COMPARE_OPTIONS = ("epochs", "batch_size", "lr", "seed", "device", "max_images")
 
 
 def _builder(spec: ArchSpec, seed: int | None) -> Any:
