@@ -76,7 +76,7 @@ def plot_errors(evaluation: Evaluation, f: IO[bytes], top: int) -> None:
             f"{names[sample.true]} / {names[sample.predicted]} / {sample.probability:.2f}", fontsize=10
         )
     figure.suptitle(
-        f"Worst {len(errors)} of {len(evaluation.errors)} errors by loss\n"
+        f"Worst {len(errors)} of {len(evaluation.errors)} error{'s' * (len(evaluation.errors) != 1)} by loss\n"
         f"true / predicted / probability of the prediction"
     )
     figure.tight_layout()
