@@ -93,11 +93,10 @@ class Evaluation:
 
         See :func:`vggtransfer.write_report` for the files and the arguments.
         """
-        from ._report import write_files  # the writer needs this class: imported when used
+        from ._report import ReportOptions, write_files  # the writer needs this class: imported when used
 
-        return write_files(
-            self, folder, top=top, scan=scan, model=model, timings=timings, command=command, summary=summary
-        )
+        options = ReportOptions(top, scan, model, timings, command, summary)
+        return write_files(self, options.check(folder, "Evaluation.write_report"), options)
 
 
 def sample_path(data: Any, index: int) -> str | None:

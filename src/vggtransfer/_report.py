@@ -12,6 +12,7 @@ import math
 import numbers
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -23,7 +24,15 @@ from ._report_plots import plot_confusion, plot_errors
 if TYPE_CHECKING:
     from ._trainer import Trainer
 
-__all__ = ["FILES", "IMBALANCE_LIMIT", "balance_warning", "markdown", "write_files", "write_report"]
+__all__ = [
+    "FILES",
+    "IMBALANCE_LIMIT",
+    "ReportOptions",
+    "balance_warning",
+    "markdown",
+    "write_files",
+    "write_report",
+]
 
 #: report.md warns when the largest class has more than this many times the smallest's samples.
 IMBALANCE_LIMIT = 3.0
@@ -91,85 +100,68 @@ def write_report(
         >>> 0 <= result.metrics["balanced_accuracy"] <= 1
         True
     """
-    options = {
-        "top": top,
-        "scan": scan,
-        "model": model,
-        "timings": timings,
-        "command": command,
-        "summary": summary,
-    }
-    _check_options(folder, **options, what="write_report")  # before the evaluation runs
+    options = ReportOptions(top, scan, model, timings, command, summary)
+    target = options.check(folder, "write_report")  # before the evaluation runs
     evaluation = evaluate_samples(trainer, data, batch_size=batch_size, num_workers=num_workers)
-    write_files(evaluation, folder, **options)
+    write_files(evaluation, target, options)
     return evaluation
 
 
-def write_files(
-    evaluation: Evaluation,
-    folder: str | os.PathLike[str],
-    *,
-    top: int,
-    scan: Any,
-    model: str | None,
-    timings: dict[str, float] | None,
-    command: str | None,
-    summary: str | None = None,
-) -> dict[str, Path]:
-    """Write the four files of ``evaluation`` into ``folder``; returns their paths by name."""
-    options = {
-        "top": top,
-        "scan": scan,
-        "model": model,
-        "timings": timings,
-        "command": command,
-        "summary": summary,
-    }
-    target = _check_options(folder, **options, what="Evaluation.write_report")
+def write_files(evaluation: Evaluation, target: Path, options: ReportOptions) -> dict[str, Path]:
+    """Write the four files of ``evaluation`` into ``target`` (checked by :meth:`ReportOptions.check`)."""
     target.mkdir(parents=True, exist_ok=True)
     paths = {name: target / name for name in FILES}
     _atomic(paths["confusion_matrix.png"], lambda f: plot_confusion(evaluation, f), binary=True)
-    _atomic(paths["errors.png"], lambda f: plot_errors(evaluation, f, top), binary=True)
+    _atomic(paths["errors.png"], lambda f: plot_errors(evaluation, f, options.top), binary=True)
     _atomic(
         paths["misclassified.csv"],
         lambda f: _write_csv(evaluation, f),
         binary=False,
         errors="surrogateescape",
     )
-    text = markdown(evaluation, **options)
+    text = markdown(evaluation, **vars(options))
     _atomic(paths["report.md"], lambda f: f.write(text), binary=False, errors="replace")
     return paths
 
 
-def _check_options(
-    folder: object, *, top: object, scan: object, model: object, timings: object, command: object,
-    summary: object, what: str,
-) -> Path:  # fmt: skip
-    """Every option checked before anything is computed or written; returns the folder."""
-    if not isinstance(folder, (str, os.PathLike)):
-        raise TypeError(
-            f"{what}: expected folder to be a path (str or os.PathLike) but got {type(folder).__name__}"
-        )
-    target = Path(folder)
-    if target.exists() and not target.is_dir():
-        raise ValueError(
-            f"{what}: expected folder to be a directory but {str(target)!r} is a file; give a folder"
-        )
-    check_positive_int(top, "top", what, limit=100)
-    if scan is not None and not (hasattr(scan, "good") and hasattr(scan, "bad")):
-        raise TypeError(
-            f"{what}: expected scan to be a vggtransfer.data.ScanReport (from scan_images) or None "
-            f"but got {type(scan).__name__}"
-        )
-    for name, value in (("model", model), ("command", command), ("summary", summary)):
-        if value is not None and not isinstance(value, str):
-            raise TypeError(f"{what}: expected {name} to be a str or None but got {type(value).__name__}")
-    if timings is not None and not _seconds_by_phase(timings):
-        raise TypeError(
-            f"{what}: expected timings to be a dict of phase name (str) to seconds (a finite number), "
-            f"e.g. {{'fit': 12.5}}, but got {timings!r}"
-        )
-    return target
+@dataclass(frozen=True)
+class ReportOptions:
+    """What the report says besides the evaluation: see :func:`write_report` for each field."""
+
+    top: int = 16
+    scan: Any = None
+    model: str | None = None
+    timings: dict[str, float] | None = None
+    command: str | None = None
+    summary: str | None = None
+
+    def check(self, folder: object, what: str) -> Path:
+        """Every option checked before anything is computed or written; returns the folder."""
+        if not isinstance(folder, (str, os.PathLike)):
+            raise TypeError(
+                f"{what}: expected folder to be a path (str or os.PathLike) but got {type(folder).__name__}"
+            )
+        target = Path(folder)
+        if target.exists() and not target.is_dir():
+            raise ValueError(
+                f"{what}: expected folder to be a directory but {str(target)!r} is a file; give a folder"
+            )
+        check_positive_int(self.top, "top", what, limit=100)
+        if self.scan is not None and not (hasattr(self.scan, "good") and hasattr(self.scan, "bad")):
+            raise TypeError(
+                f"{what}: expected scan to be a vggtransfer.data.ScanReport (from scan_images) or None "
+                f"but got {type(self.scan).__name__}"
+            )
+        for name in ("model", "command", "summary"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{what}: expected {name} to be a str or None but got {type(value).__name__}")
+        if self.timings is not None and not _seconds_by_phase(self.timings):
+            raise TypeError(
+                f"{what}: expected timings to be a dict of phase name (str) to seconds (a finite number), "
+                f"e.g. {{'fit': 12.5}}, but got {self.timings!r}"
+            )
+        return target
 
 
 def _seconds_by_phase(timings: object) -> bool:
