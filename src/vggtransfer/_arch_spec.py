@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._checkpoint import LoadedModel, load_model
+from ._checkpoint import LoadedModel, load_read
 from ._checkpoint_file import CheckpointError, read_checkpoint
 from ._hints import did_you_mean
 from ._models import Weights, apply_head_record, classification_models, create_model
+from ._runtime import resolve_device
 from ._spec import record
 from ._timm import TIMM_PREFIX, check_timm_arch
 
@@ -136,13 +137,14 @@ def load_for_arch(path: Path, arch: ArchSpec | None, *, device: str | torch.devi
 
     The checkpoint never makes this import anything: for a factory's model, the factory that
     ``arch`` names (what the user typed) builds the backbone, the recorded head and freeze
-    policy are applied, and :func:`load_model` checks every weight before loading.
+    policy are applied, and every weight is checked before loading, as :func:`load_model` does.
 
     Raises:
         CheckpointError: the file does not load, or ``arch`` is not what it was trained with.
         FactoryError, ValueError: as :meth:`ArchSpec.build`.
     """
-    build = read_checkpoint(path)["build"]
+    data = read_checkpoint(path)  # once: the checks below and the load share it
+    build = data["build"]
     factory = build.get(FACTORY_KEY)
     if factory is not None and not isinstance(factory, str):
         raise CheckpointError(f"checkpoint {str(path)!r} is damaged: its factory is {factory!r:.80}")
@@ -157,9 +159,8 @@ def load_for_arch(path: Path, arch: ArchSpec | None, *, device: str | torch.devi
             f"--arch {arch.text!r} does not match checkpoint {str(path)!r}, which was trained with "
             f"--arch {trained}; pass --arch {trained}, or leave --arch out for torchvision and timm models"
         )
-    if arch is None or arch.kind != "factory":
-        return load_model(path, device=device)
-    return load_model(path, model=apply_head_record(arch.build(), build), device=device)
+    model = apply_head_record(arch.build(), build) if arch is not None and arch.kind == "factory" else None
+    return load_read(data, path, model=model, device=resolve_device(device, "load_model"))
 
 
 def _import_factory(text: str) -> Callable[[], Any]:

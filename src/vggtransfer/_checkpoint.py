@@ -63,6 +63,7 @@ __all__ = [
     "TrainingObjects",
     "check_savable",
     "load_model",
+    "load_read",
     "load_trainer",
     "make_payload",
     "read_resume",
@@ -465,7 +466,17 @@ def load_model(
         raise TypeError(
             f"load_model: expected model to be an nn.Module or None but got {type(model).__name__}"
         )
-    data = read_checkpoint(path)
+    return load_read(read_checkpoint(path), path, model=model, device=target)
+
+
+def load_read(
+    data: dict[str, Any], path: str | os.PathLike[str], *, model: nn.Module | None, device: torch.device
+) -> LoadedModel:
+    """:func:`load_model` for a checkpoint already read (and checked) by ``read_checkpoint``.
+
+    For callers that looked inside the file first (the command's ``--arch`` check): a 500 MB
+    checkpoint is then read once, not twice.
+    """
     network = model if model is not None else _rebuild(data, path)
     frozen = frozen_keys(network) if data["head_only"] else set()
     check_identity(data, network, None, source=str(path))
@@ -478,7 +489,7 @@ def load_model(
         else default_transform(network)
     )
     names = data.get("class_names")
-    return LoadedModel(network.to(target).eval(), list(names) if names else None, transform)
+    return LoadedModel(network.to(device).eval(), list(names) if names else None, transform)
 
 
 def _rebuild(data: dict[str, Any], path: str | os.PathLike[str]) -> nn.Module:
